@@ -1,0 +1,262 @@
+"""The run configuration: pydantic models, YAML/TOML loading and ``--set`` overrides.
+
+Every field has a description; those texts feed ``densegrpo config show`` and the error
+messages. Defaults describe the embedded toy run: DenseGRPO on the toy policy with the
+toy GenEval reward, offline, on a CPU, in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from densegrpo.errors import ConfigError
+
+STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentSpec(BaseModel):
+    """One slot of the run: a registered component and its own config."""
+
+    model_config = STRICT
+    name: str = Field(description="Registered component name (see `densegrpo plugins`) or 'module:attr'.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Options for the component's own pydantic Config."
+    )
+
+
+class RewardSpec(ComponentSpec):
+    """A reward model and its weight in a multi-reward sum."""
+
+    weight: float = Field(1.0, description="Weight of this reward in the weighted sum (Flow-GRPO multi-reward).")
+
+
+class PromptConfig(BaseModel):
+    """Where training and evaluation prompts come from."""
+
+    model_config = STRICT
+    train: str = Field(
+        "toy-train",
+        description="Training prompts: 'toy-train', 'toy-test' or a path to a GenEval-format JSONL "
+        "(one {'prompt', 'tag', 'include', ...} object per line) or a plain text file (one prompt per line).",
+    )
+    test: str = Field("toy-test", description="Evaluation prompts, same formats as `train`.")
+
+
+class SamplingConfig(BaseModel):
+    """The sigma grid and guidance used for rollouts (method.md section 1)."""
+
+    model_config = STRICT
+    num_steps: int = Field(10, ge=1, le=1000, description="T, sampling steps per training rollout (paper: 10).")
+    eval_steps: int = Field(40, ge=1, le=1000, description="ODE steps for evaluation and sample grids (paper: 40).")
+    shift: float = Field(3.0, gt=0, description="Timestep shift of the sigma grid, as SD3's FlowMatchEulerDiscreteScheduler (3.0).")
+
+
+class TrainConfig(BaseModel):
+    """The GRPO objective and optimiser (method.md section 2)."""
+
+    model_config = STRICT
+    group_size: int = Field(8, ge=2, description="G, samples per prompt group (paper: 24).")
+    groups_per_iteration: int = Field(4, ge=1, description="Prompt groups sampled per iteration; N = G * groups.")
+    same_noise_per_group: bool = Field(False, description="Start every member of a group from the same initial noise.")
+    clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the ratio (paper: 1e-4, since log-probs are per-dimension means).")
+    beta: float = Field(0.04, ge=0, description="Weight of the KL term to the reference model (paper: 0.04 GenEval/OCR, 0.01 PickScore).")
+    advantage_clip: float = Field(5.0, gt=0, description="Advantages are clipped to +-this value (paper: 5).")
+    timestep_fraction: float = Field(
+        0.99, gt=0, le=1, description="Share of steps trained; the last step is dropped at 0.99 (9 of 10, as Flow-GRPO)."
+    )
+    inner_epochs: int = Field(1, ge=1, description="Optimisation passes over each batch of rollouts.")
+    minibatch_size: int = Field(0, ge=0, description="Samples per backward pass; 0 means the whole batch at once.")
+    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate (paper: 3e-4).")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (paper: 1e-4).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of trainable weights for evaluation; 0 disables it.")
+
+
+class LoggingConfig(BaseModel):
+    """What a run writes besides metrics.jsonl."""
+
+    model_config = STRICT
+    sample_every: int = Field(10, ge=0, description="Write a PNG sample grid every K iterations (0: only at the end).")
+    sample_prompts: int = Field(8, ge=1, le=64, description="Test prompts shown in each sample grid.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard scalars (needs the tensorboard package).")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class CalibrationConfig(BaseModel):
+    """When reward-aware calibration runs (DenseGRPO Algorithm 1)."""
+
+    model_config = STRICT
+    before_training: bool = Field(True, description="Run the calibrator's rounds once before training (the paper's schedule).")
+    online_every: int = Field(0, ge=0, description="Also update the calibrator from each K-th iteration's dense gains (0: never).")
+
+
+class RunConfig(BaseModel):
+    """A full training run. Every slot is a registered component plus its config."""
+
+    model_config = STRICT
+    seed: int = Field(0, description="Seed for noise, prompt order and initialisation; runs are deterministic on CPU.")
+    iterations: int = Field(40, ge=0, description="GRPO iterations (rollout + update) to run.")
+    checkpoint_every: int = Field(10, ge=0, description="Write a checkpoint every K iterations (0: only at the end).")
+    device: str = Field("cpu", description="Torch device for the policy, e.g. 'cpu' or 'cuda'.")
+    policy: ComponentSpec = Field(
+        default_factory=lambda: ComponentSpec(name="toy"), description="The flow-matching model being aligned."
+    )
+    sampler: ComponentSpec = Field(
+        default_factory=lambda: ComponentSpec(name="flow-sde"), description="The stochastic sampler used for rollouts."
+    )
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="toy-geneval")],
+        min_length=1,
+        description="Reward models; several are combined as set by `reward_combine`.",
+    )
+    reward_combine: Literal["sum-rewards", "sum-advantages"] = Field(
+        "sum-rewards",
+        description="Multi-reward: weighted sum of raw rewards before normalisation (Flow-GRPO) or of per-reward advantages.",
+    )
+    advantage: ComponentSpec = Field(
+        default_factory=lambda: ComponentSpec(name="dense"), description="How rewards become per-step advantages."
+    )
+    calibrator: ComponentSpec = Field(
+        default_factory=lambda: ComponentSpec(name="reward-aware"), description="How the per-step SDE noise level is chosen."
+    )
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="When calibration runs.")
+    prompts: PromptConfig = Field(default_factory=PromptConfig, description="Prompt sources.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sigma grid and steps.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO objective and optimiser.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging and sample grids.")
+
+
+def default_config() -> RunConfig:
+    """The embedded toy DenseGRPO run."""
+    return RunConfig()
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist; check the path or run `densegrpo config show` for a template")
+    if path.is_dir():
+        raise ConfigError(f"'{path}' is a folder; pass a .yaml or .toml config file")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in {".yaml", ".yml", ".json"}:
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file '{path}' must end in .yaml, .yml, .toml or .json")
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"malformed YAML in '{path}'{where}: {problem}; fix the syntax") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"malformed TOML in '{path}': {error}; fix the syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.beta=0.01"`` -> ``(["train", "beta"], 0.01)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set '{text}' must look like key.path=value, e.g. --set train.beta=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return [p for p in key.strip().split(".")], value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``data[path] = value`` in place; every key up to a component's free ``config`` must exist."""
+    node: Any = data
+    dotted = ".".join(path)
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        free_form = depth > 0 and path[depth - 1] == "config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {dotted}: '{part}' is not an index of a list of length {len(node)}")
+            if last:
+                node[int(part)] = value
+                return
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{'.'.join(path[:depth])}' is a value, not a section")
+        if part not in node and not free_form and not _inside_config(path, depth):
+            options = ", ".join(sorted(node)) if node else "none"
+            raise ConfigError(f"--set {dotted}: unknown key '{part}'; valid keys here: {options}")
+        if last:
+            node[part] = value
+            return
+        if part not in node:
+            node[part] = {}
+        node = node[part]
+
+
+def _inside_config(path: list[str], depth: int) -> bool:
+    return "config" in path[:depth]
+
+
+def resolve(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a config file (or the default), apply ``--set`` overrides and validate."""
+    data = default_config().model_dump(mode="json")
+    if path is not None:
+        _merge(data, _read_mapping(Path(path)))
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    return validate(data, source=str(path) if path else "default config")
+
+
+def validate(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except pydantic.ValidationError as error:
+        from densegrpo.registry import format_validation_error
+
+        raise ConfigError(format_validation_error(error, prefix=source)) from None
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    """Deep-merge a file's mapping into the defaults; component ``config`` dicts are replaced."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "config":
+            if "name" in value and value.get("name") != base[key].get("name"):
+                base[key] = dict(value)  # another component: drop the old one's options
+            else:
+                _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def validate_components(config: RunConfig) -> None:
+    """Check every component name and its options against the registry (imports the classes)."""
+    from densegrpo import registry
+
+    registry.validate_config("policies", config.policy.name, config.policy.config)
+    registry.validate_config("samplers", config.sampler.name, config.sampler.config)
+    for spec in config.rewards:
+        registry.validate_config("rewards", spec.name, spec.config)
+    registry.validate_config("advantages", config.advantage.name, config.advantage.config)
+    registry.validate_config("calibrators", config.calibrator.name, config.calibrator.config)
+
+
+def dump(config: RunConfig, fmt: Literal["yaml", "json"] = "yaml") -> str:
+    data = config.model_dump(mode="json")
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    return yaml.safe_dump(data, sort_keys=False)

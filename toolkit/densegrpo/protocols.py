@@ -1,0 +1,330 @@
+"""The five protocols of densegrpo and the data they exchange.
+
+Shapes are part of the contract (see DESIGN.md). Legend:
+
+* ``N``: samples in a batch; prompt groups are contiguous (``G`` samples each).
+* ``T``: sampling steps; a trajectory has ``T + 1`` states.
+* ``(C, h, w)``: one latent (pixels for the toy policy, VAE latents for SD3/FLUX).
+* ``(H, W)``: decoded image size.
+
+Time indexing. Tensors along a trajectory use the *step index* ``k = 0 .. T``:
+``latents[:, k]`` lives at ``sigmas[k]``; ``k = 0`` is pure noise (``sigma = 1``) and
+``k = T`` the clean sample (``sigma = 0``). Step ``k`` is the move ``latents[:, k] ->
+latents[:, k + 1]``. The papers count the other way (``t = T - k`` remaining steps);
+:class:`DenseRewards` keeps the papers' order because method.md writes it so, and
+converts with :meth:`DenseRewards.by_step_index`.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+
+KINDS = ("policies", "samplers", "rewards", "advantages", "calibrators")
+
+
+@dataclass
+class Cond:
+    """Encoded prompts, as a policy's ``encode`` returns them.
+
+    Attributes:
+        prompt_embeds: ``(N, L, D)`` token embeddings, the policy's dtype.
+        pooled_embeds: ``(N, P)`` pooled embedding, or ``None`` for models without one.
+        negative_prompt_embeds: ``(N, L, D)`` unconditional embeddings for classifier-free
+            guidance, or ``None`` when guidance is off.
+        negative_pooled_embeds: ``(N, P)`` or ``None``.
+        prompts: the ``N`` prompt strings, kept for rewards and logging.
+        extra: model-specific tensors with a leading ``N`` dimension (for example FLUX's
+            text ids); :meth:`select` slices them like the others.
+    """
+
+    prompt_embeds: Tensor
+    pooled_embeds: Tensor | None = None
+    negative_prompt_embeds: Tensor | None = None
+    negative_pooled_embeds: Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.prompt_embeds.shape[0])
+
+    def select(self, index: Tensor | slice | Sequence[int]) -> "Cond":
+        """Rows ``index`` of every tensor (and prompt); used to batch model calls."""
+        if isinstance(index, slice):
+            rows = list(range(len(self)))[index]
+        else:
+            rows = [int(i) for i in (index.tolist() if isinstance(index, Tensor) else index)]
+        pick = torch.as_tensor(rows, dtype=torch.long)
+
+        def take(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, pick.to(t.device))
+
+        return Cond(
+            prompt_embeds=take(self.prompt_embeds),
+            pooled_embeds=take(self.pooled_embeds),
+            negative_prompt_embeds=take(self.negative_prompt_embeds),
+            negative_pooled_embeds=take(self.negative_pooled_embeds),
+            prompts=[self.prompts[i] for i in rows] if self.prompts else [],
+            extra={k: take(v) for k, v in self.extra.items()},
+        )
+
+    def repeat(self, times: int) -> "Cond":
+        """Stack ``times`` copies along the batch, copy-major: ``[c0..cN-1, c0..cN-1, ...]``."""
+        rows = list(range(len(self))) * times
+        return self.select(rows)
+
+
+@dataclass
+class Trajectory:
+    """A batch of sampled trajectories, everything the loss and the dense engine need.
+
+    Attributes:
+        latents: ``(N, T+1, C, h, w)`` float32; ``latents[:, 0]`` is the initial noise,
+            ``latents[:, T]`` the final sample.
+        log_probs: ``(N, T)`` float32, ``log p(latents[:, k+1] | latents[:, k])`` averaged
+            (not summed) over ``C*h*w``; ``0`` where the step is deterministic.
+        means: ``(N, T, C, h, w)`` float32, the mean of each transition.
+        velocities: ``(N, T, C, h, w)`` float32, ``v_theta(latents[:, k], sigmas[k])``.
+        sigmas: ``(T+1,)`` float32, from 1 down to 0.
+        noise_level: ``(T,)`` float32, the per-step noise level ``a_k`` used.
+        step_std: ``(T,)`` float32, the transition std of each step (``0`` for ODE steps).
+        trained_steps: ``(N, T)`` bool, the steps that carry a log-prob and enter the loss.
+        cond: the encoded prompts, needed to recompute velocities.
+    """
+
+    latents: Tensor
+    log_probs: Tensor
+    means: Tensor
+    velocities: Tensor
+    sigmas: Tensor
+    noise_level: Tensor
+    step_std: Tensor
+    trained_steps: Tensor
+    cond: Cond
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.latents.shape[1]) - 1
+
+    @property
+    def final(self) -> Tensor:
+        """``(N, C, h, w)``: the sampled clean latents."""
+        return self.latents[:, -1]
+
+    def select(self, index: Sequence[int] | Tensor) -> "Trajectory":
+        """Rows ``index`` of every per-sample tensor."""
+        rows = [int(i) for i in (index.tolist() if isinstance(index, Tensor) else index)]
+        pick = torch.as_tensor(rows, dtype=torch.long, device=self.latents.device)
+        per_sample = {"latents", "log_probs", "means", "velocities", "trained_steps"}
+        changes: dict[str, Any] = {
+            f.name: getattr(self, f.name).index_select(0, pick)
+            for f in fields(self)
+            if f.name in per_sample
+        }
+        changes["cond"] = self.cond.select(rows)
+        return replace(self, **changes)
+
+
+@dataclass
+class DenseRewards:
+    """Step-wise rewards ``R_t = R(ODE_n(x_t))`` from the dense-reward engine.
+
+    Attributes:
+        rewards: ``(N, T+1)`` float32 in the papers' order: ``rewards[:, t]`` is ``R_t``
+            with ``t`` steps left, so ``rewards[:, 0] = R_0`` is the terminal reward and
+            ``rewards[:, T]`` the reward of the pure-ODE sample from the same noise.
+        nfe: velocity evaluations spent on completions (not counting the rollout).
+        reward_calls: images scored.
+    """
+
+    rewards: Tensor
+    nfe: int = 0
+    reward_calls: int = 0
+
+    @property
+    def terminal(self) -> Tensor:
+        """``(N,)``: ``R_0``, the reward of the sampled image."""
+        return self.rewards[:, 0]
+
+    def by_step_index(self) -> Tensor:
+        """``(N, T+1)``: the same rewards aligned with ``Trajectory.latents`` (k = T - t)."""
+        return self.rewards.flip(1)
+
+    def gains(self) -> Tensor:
+        """``(N, T)``: ``dR`` of step ``k`` (the move ``x_k -> x_{k+1}``), i.e. ``R_{t-1} - R_t``."""
+        aligned = self.by_step_index()
+        return aligned[:, 1:] - aligned[:, :-1]
+
+
+@dataclass
+class RewardNeeds:
+    """What an advantage estimator asks the loop to compute.
+
+    Attributes:
+        dense: ``False``: only the terminal reward ``R(x_0)``. ``True``: ``R_t`` for every
+            state via the dense-reward engine.
+        completion: ODE steps ``n`` used to complete ``x_t``: ``"t"`` (all remaining steps,
+            the paper's default), an integer ``k`` (``min(k, t)`` steps) or ``"t/C"``
+            (``ceil(t / C)`` steps, e.g. ``"t/2"``).
+    """
+
+    dense: bool = False
+    completion: int | str = "t"
+
+
+@dataclass
+class RewardBatch:
+    """Rewards handed to an advantage estimator.
+
+    Attributes:
+        terminal: ``(N,)`` float32, ``R(x_0)``; NaN means "not applicable".
+        dense: ``(N, T+1)`` float32 in the papers' order (see :class:`DenseRewards`), or
+            ``None`` for sparse estimators.
+        num_steps: ``T``.
+        group_size: ``G``; groups are contiguous rows ``[g*G, (g+1)*G)``.
+    """
+
+    terminal: Tensor
+    dense: Tensor | None
+    num_steps: int
+    group_size: int
+
+
+@dataclass
+class CalibrationStats:
+    """Dense statistics a calibrator learns from.
+
+    Attributes:
+        gains: ``(N, T)`` float32, ``dR`` per sample and step index ``k`` (NaN allowed).
+        sigmas: ``(T+1,)`` the grid the gains were measured on.
+        noise_level: ``(T,)`` the noise levels used to sample them.
+    """
+
+    gains: Tensor
+    sigmas: Tensor
+    noise_level: Tensor
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A flow-matching generator ``v_theta(x, sigma, c)`` with a decoder and LoRA."""
+
+    latent_shape: tuple[int, int, int]
+    """``(C, h, w)`` of one latent."""
+
+    device: torch.device
+    """Where the model runs; rollouts put their tensors here."""
+
+    def encode(self, prompts: list[str]) -> Cond:
+        """Encode ``N`` prompts (cached for repeats)."""
+        ...
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """``x (N,C,h,w)``, ``sigma (N,)`` in [0, 1] -> velocity ``(N,C,h,w)`` (CFG applied)."""
+        ...
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Clean latents ``(N,C,h,w)`` -> images float32 ``(N,3,H,W)`` in [0, 1]."""
+        ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters GRPO updates (LoRA weights, or all for full fine-tuning)."""
+        ...
+
+    def reference(self) -> AbstractContextManager["Policy"]:
+        """Context in which the policy acts as the frozen base model (LoRA disabled)."""
+        ...
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The trainable weights by name (saved as safetensors in checkpoints)."""
+        ...
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore weights saved by :meth:`trainable_state_dict`."""
+        ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """One stochastic (or deterministic) discretisation of the flow ODE/SDE."""
+
+    def rollout(
+        self,
+        policy: Policy,
+        cond: Cond,
+        noise: Tensor,
+        sigmas: Tensor,
+        noise_level: Tensor,
+        *,
+        step_noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Trajectory:
+        """Sample from ``noise (N,C,h,w)`` along ``sigmas (T+1,)`` with ``noise_level (T,)``.
+
+        ``step_noise (N,T,C,h,w)`` fixes the per-step Gaussian draws (for world-size
+        invariant runs); otherwise they come from ``generator``.
+        """
+        ...
+
+    def log_prob(self, policy: Policy, traj: Trajectory, step: int) -> tuple[Tensor, Tensor]:
+        """Recompute step ``k``'s ``(log_prob (N,), mean (N,C,h,w))`` with gradients."""
+        ...
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    """Scores images; NaN means "not applicable"."""
+
+    def __call__(
+        self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any] | None]
+    ) -> Tensor:
+        """``images (N,3,H,W)`` float32 in [0,1] -> rewards ``(N,)`` float32."""
+        ...
+
+
+@runtime_checkable
+class AdvantageEstimator(Protocol):
+    """Turns rewards into per-step advantages ``(N, T)``."""
+
+    needs: RewardNeeds
+
+    def __call__(self, rewards: RewardBatch) -> Tensor:
+        """-> advantages ``(N, T)`` float32, aligned with step index ``k``."""
+        ...
+
+
+@runtime_checkable
+class ExplorationCalibrator(Protocol):
+    """Chooses the SDE noise level of every step."""
+
+    def noise_level(self, sigmas: Tensor) -> Tensor:
+        """``sigmas (T+1,)`` -> noise level ``(T,)`` float32."""
+        ...
+
+    def update(self, stats: CalibrationStats) -> None:
+        """Learn from dense-reward statistics (a no-op for fixed schedules)."""
+        ...
+
+
+__all__ = [
+    "KINDS",
+    "AdvantageEstimator",
+    "CalibrationStats",
+    "Cond",
+    "DenseRewards",
+    "ExplorationCalibrator",
+    "Policy",
+    "RewardBatch",
+    "RewardModel",
+    "RewardNeeds",
+    "Sampler",
+    "Trajectory",
+]
