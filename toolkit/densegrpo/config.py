@@ -8,7 +8,7 @@ toy GenEval reward, offline, on a CPU, in minutes.
 from __future__ import annotations
 
 import json
-import tomllib
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from densegrpo.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -1,0 +1,57 @@
+"""Turn a :class:`~densegrpo.config.RunConfig` into ready components (no training logic here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from densegrpo import registry
+from densegrpo.config import ComponentSpec, RewardSpec, RunConfig
+
+
+@dataclass
+class WeightedReward:
+    """A loaded reward model with its name and weight in a multi-reward sum."""
+
+    name: str
+    weight: float
+    model: Any
+
+
+@dataclass
+class Components:
+    """Everything one run composes."""
+
+    policy: Any
+    sampler: Any
+    rewards: list[WeightedReward]
+    advantage: Any
+    calibrator: Any
+
+
+def policy_config(spec: ComponentSpec, device: str) -> dict[str, Any]:
+    """The policy's options, with the run's device filled in when the policy has a ``device`` field."""
+    options = dict(spec.config)
+    cls = registry.load_class("policies", spec.name)
+    if "device" in getattr(cls.Config, "model_fields", {}) and "device" not in options:
+        options["device"] = device
+    return options
+
+
+def build_policy(config: RunConfig) -> Any:
+    return registry.load("policies", config.policy.name, policy_config(config.policy, config.device))
+
+
+def build_rewards(specs: list[RewardSpec]) -> list[WeightedReward]:
+    return [WeightedReward(s.name, s.weight, registry.load("rewards", s.name, s.config)) for s in specs]
+
+
+def build(config: RunConfig, policy: Any | None = None) -> Components:
+    """Load every slot of ``config``; pass ``policy`` to reuse an already built one."""
+    return Components(
+        policy=policy if policy is not None else build_policy(config),
+        sampler=registry.load("samplers", config.sampler.name, config.sampler.config),
+        rewards=build_rewards(config.rewards),
+        advantage=registry.load("advantages", config.advantage.name, config.advantage.config),
+        calibrator=registry.load("calibrators", config.calibrator.name, config.calibrator.config),
+    )

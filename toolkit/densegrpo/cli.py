@@ -1,0 +1,237 @@
+"""The ``densegrpo`` command line (Typer).
+
+User mistakes exit with status 2 and one line that names the problem and the fix; no
+traceback. ``densegrpo COMMAND --help`` documents every command.
+
+Multi-process runs use the standard launchers, with no code change:
+``torchrun --nproc_per_node=K -m densegrpo train CONFIG`` or
+``accelerate launch -m densegrpo train CONFIG``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+try:  # Typer >= 0.22 vendors its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older Typer on plain click
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer import Abort, Exit
+
+from densegrpo.errors import UserError
+
+app = typer.Typer(
+    name="densegrpo",
+    help="GRPO alignment of flow-matching text-to-image models with sparse (Flow-GRPO) and dense (DenseGRPO) rewards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+config_app = typer.Typer(help="Show or validate run configurations.", no_args_is_help=True, rich_markup_mode=None)
+bench_app = typer.Typer(help="Benchmarks that compare credit-assignment schemes.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+
+KIND_HELP = "One of: policies, samplers, rewards, advantages, calibrators."
+SET_HELP = "Override a config value, e.g. --set train.beta=0.01 --set iterations=5 (repeatable)."
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@app.command()
+def plugins(
+    kind: Optional[str] = typer.Option(None, "--kind", "-k", help=KIND_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List every registered component: kind, name, package==version and target."""
+    from densegrpo import registry
+
+    rows = [
+        {
+            "kind": c.kind,
+            "name": c.name,
+            "package": f"{c.package}=={c.version}",
+            "target": c.target,
+            "builtin": c.builtin,
+        }
+        for c in registry.components(kind)
+    ]
+    if as_json:
+        _echo_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="densegrpo components")
+    for column in ("kind", "name", "package", "target"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["kind"], row["name"], row["package"], row["target"])
+    Console().print(table)
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = typer.Argument(None, help="A .yaml or .toml run config; omit for the default toy run."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+) -> None:
+    """Print the resolved configuration (defaults, file, then --set overrides)."""
+    from densegrpo import config as cfg
+
+    resolved = cfg.resolve(config, overrides)
+    typer.echo(cfg.dump(resolved, "json" if as_json else "yaml"))
+
+
+@config_app.command("validate")
+def config_validate(
+    config: Path = typer.Argument(..., help="A .yaml or .toml run config."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Validate a config file, including every component's own options."""
+    from densegrpo import config as cfg
+
+    resolved = cfg.resolve(config, overrides)
+    cfg.validate_components(resolved)
+    typer.echo(f"{config}: valid")
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="Run config (.yaml/.toml); omit for the default toy DenseGRPO run."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<timestamp>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its latest checkpoint."),
+) -> None:
+    """Train with GRPO; writes metrics.jsonl, checkpoints, sample grids and a reward curve."""
+    from densegrpo.train import train_from_cli
+
+    summary = train_from_cli(config, overrides, out, resume)
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def calibrate(
+    config: Optional[Path] = typer.Argument(None, help="Run config; omit for the default toy run."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/calibrate-<timestamp>)."),
+) -> None:
+    """Run reward-aware calibration alone; writes psi per step and round (JSON) and a PNG."""
+    from densegrpo.train import calibrate_from_cli
+
+    path = calibrate_from_cli(config, overrides, out)
+    typer.echo(str(path))
+
+
+@app.command()
+def sample(
+    config: Optional[Path] = typer.Argument(None, help="Run config or run folder; omit to use --policy."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Policy name, e.g. toy (instead of a config)."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable)."),
+    per_prompt: int = typer.Option(4, "--per-prompt", "-n", min=1, max=64, help="Images per prompt."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="ODE steps (default: the config's eval_steps, 40)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the initial noise."),
+    out: Path = typer.Option(Path("grid.png"), "--out", help="Where to write the PNG grid."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Render images for prompts into a PNG grid (ODE sampling)."""
+    from densegrpo.sampling import sample_from_cli
+
+    path = sample_from_cli(config, policy, prompt, per_prompt, steps, seed, out, overrides)
+    typer.echo(str(path))
+
+
+@app.command()
+def score(
+    images: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG)."),
+    reward: str = typer.Option(..., "--reward", "-r", help="Reward name, e.g. toy-geneval."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="One prompt for all images, or one per image."),
+    metadata: Optional[str] = typer.Option(None, "--metadata", help="GenEval metadata: a JSON object, a JSON list (one per image), or a .json/.jsonl file."),
+    reward_config: list[str] = typer.Option([], "--set", help="Reward option, e.g. --set mode=strict (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Score images with a reward model."""
+    from densegrpo.scoring import score_from_cli
+
+    results = score_from_cli(images, reward, prompt, metadata, reward_config)
+    if as_json:
+        _echo_json(results)
+    else:
+        for row in results:
+            typer.echo(f"{row['score']:.4f}\t{row['image']}\t{row['prompt']}")
+
+
+@app.command("eval")
+def evaluate(
+    target: Optional[Path] = typer.Argument(None, help="Run config or run folder; omit for the base toy policy."),
+    benchmark: str = typer.Option("toy-geneval", "--benchmark", "-b", help="Benchmark name, e.g. toy-geneval."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="ODE steps (default 40)."),
+    per_prompt: int = typer.Option(4, "--per-prompt", "-n", min=1, help="Images per prompt."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first K prompts."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the initial noise."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Evaluate a policy (base or trained) on a benchmark; prints overall and per-tag scores."""
+    from densegrpo.evaluate import evaluate_from_cli, format_report
+
+    report = evaluate_from_cli(target, benchmark, steps, per_prompt, limit, seed, overrides)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@bench_app.command("sparse-vs-dense")
+def bench_sparse_vs_dense(
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per arm."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="GRPO iterations per run."),
+    reward: list[str] = typer.Option([], "--reward", help="Reward(s) to run on (default: toy-geneval and toy-clip)."),
+    out: Path = typer.Option(Path("bench-sparse-vs-dense"), "--out", help="Output folder."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke profile: a few iterations, small batches (<= 5 min)."),
+    arms: list[str] = typer.Option([], "--arm", help="Run only these arms (repeatable)."),
+) -> None:
+    """Compare sparse and dense credit assignment; writes report.md, results.json and PNG curves."""
+    from densegrpo.bench import run_sparse_vs_dense
+
+    path = run_sparse_vs_dense(seeds=seeds, iterations=iterations, rewards=reward, out=out, quick=quick, arms=arms)
+    typer.echo(str(path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user errors into one line and exit status 2."""
+    try:
+        result = app(args=argv, prog_name="densegrpo", standalone_mode=False)
+    except NoArgsIsHelpError as error:
+        typer.echo(error.ctx.get_help() if error.ctx else "densegrpo --help")
+        sys.exit(0)
+    except UsageError as error:
+        command = error.ctx.command_path if error.ctx else "densegrpo"
+        typer.echo(f"error: {error.format_message()}; see `{command} --help`", err=True)
+        sys.exit(2)
+    except Exit as error:
+        sys.exit(error.exit_code)
+    except ClickException as error:
+        typer.echo(f"error: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
+    except Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except UserError as error:
+        message = " ".join(str(error).split())
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    if isinstance(result, int) and result:
+        sys.exit(result)
+
+
+if __name__ == "__main__":
+    main()
