@@ -1,0 +1,189 @@
+"""GenEval-format prompts for the toy world, and the prompt loader every command uses.
+
+Each prompt is one JSON object per line, exactly as GenEval's
+``prompts/evaluation_metadata.jsonl`` (djghosh13/geneval, ``prompts/create_prompts.py``)::
+
+    {"tag": "counting", "include": [{"class": "circle", "count": 2}],
+     "exclude": [{"class": "circle", "count": 3}], "prompt": "a photo of two circles"}
+
+The toy world enumerates every prompt GenEval's six generators can write over
+:data:`~densegrpo.toy.scenes.SHAPES` and :data:`~densegrpo.toy.scenes.COLORS` (same phrasing,
+articles, plurals and counts 2 to 4) and splits them per tag into disjoint train and test
+sets with a fixed seed. The shipped files are ``toy/data/train.jsonl`` and
+``toy/data/test.jsonl``; regenerate them with ``python -m densegrpo.toy.prompts``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from densegrpo.errors import UserError
+from densegrpo.geneval_rules import RELATIONS, TAGS
+from densegrpo.toy.scenes import COLORS, SHAPES
+
+NUMBERS = ("zero", "one", "two", "three", "four")
+"""Number words, GenEval's ``numbers`` list up to four."""
+
+SPLIT_SEED = 4
+"""Seed of the train/test split of the shipped files."""
+
+TEST_SIZES = {
+    "single_object": 1,
+    "two_object": 2,
+    "counting": 3,
+    "colors": 7,
+    "position": 8,
+    "color_attr": 60,
+}
+"""Test prompts per tag; every other enumerated prompt goes to train."""
+
+BUILTIN = {"toy-train": "train.jsonl", "toy-test": "test.jsonl"}
+"""Names :func:`load_prompts` resolves to the shipped files."""
+
+
+def with_article(name: str) -> str:
+    """``"a circle"``, ``"an orange square"`` (GenEval's ``with_article``)."""
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def make_plural(name: str) -> str:
+    """``"circles"``, ``"glasses"`` (GenEval's ``make_plural``)."""
+    return f"{name}es" if name[-1] == "s" else f"{name}s"
+
+
+def single_object(shape: str) -> dict[str, Any]:
+    return {"tag": "single_object", "include": [{"class": shape, "count": 1}], "prompt": f"a photo of {with_article(shape)}"}
+
+
+def two_object(a: str, b: str) -> dict[str, Any]:
+    return {
+        "tag": "two_object",
+        "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
+        "prompt": f"a photo of {with_article(a)} and {with_article(b)}",
+    }
+
+
+def counting(shape: str, number: int) -> dict[str, Any]:
+    return {
+        "tag": "counting",
+        "include": [{"class": shape, "count": number}],
+        "exclude": [{"class": shape, "count": number + 1}],
+        "prompt": f"a photo of {NUMBERS[number]} {make_plural(shape)}",
+    }
+
+
+def colors(shape: str, color: str) -> dict[str, Any]:
+    return {
+        "tag": "colors",
+        "include": [{"class": shape, "count": 1, "color": color}],
+        "prompt": f"a photo of {with_article(color)} {shape}",
+    }
+
+
+def position(a: str, relation: str, b: str) -> dict[str, Any]:
+    """``a`` stands in ``relation`` to ``b``; ``b`` is clause 0, as in GenEval."""
+    return {
+        "tag": "position",
+        "include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}],
+        "prompt": f"a photo of {with_article(a)} {relation} {with_article(b)}",
+    }
+
+
+def color_attr(a: str, color_a: str, b: str, color_b: str) -> dict[str, Any]:
+    return {
+        "tag": "color_attr",
+        "include": [{"class": a, "count": 1, "color": color_a}, {"class": b, "count": 1, "color": color_b}],
+        "prompt": f"a photo of {with_article(color_a)} {a} and {with_article(color_b)} {b}",
+    }
+
+
+def enumerate_prompts() -> dict[str, list[dict[str, Any]]]:
+    """Every toy prompt GenEval's generators can write, by tag (distinct shapes and colours
+    within a prompt, counts 2 to 4, as in ``create_prompts.py``)."""
+    pairs = list(itertools.permutations(SHAPES, 2))
+    return {
+        "single_object": [single_object(s) for s in SHAPES],
+        "two_object": [two_object(a, b) for a, b in pairs],
+        "counting": [counting(s, n) for s in SHAPES for n in (2, 3, 4)],
+        "colors": [colors(s, c) for s in SHAPES for c in COLORS],
+        "position": [position(a, r, b) for a, b in pairs for r in RELATIONS],
+        "color_attr": [
+            color_attr(a, ca, b, cb) for a, b in pairs for ca, cb in itertools.permutations(COLORS, 2)
+        ],
+    }
+
+
+def split_prompts(seed: int = SPLIT_SEED) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Disjoint (train, test) lists: :data:`TEST_SIZES` test prompts per tag, chosen by ``seed``."""
+    rng = np.random.default_rng(seed)
+    train: list[dict[str, Any]] = []
+    test: list[dict[str, Any]] = []
+    for tag in TAGS:
+        items = enumerate_prompts()[tag]
+        order = rng.permutation(len(items))
+        held = set(order[: TEST_SIZES[tag]].tolist())
+        test.extend(items[i] for i in sorted(held))
+        train.extend(items[i] for i in range(len(items)) if i not in held)
+    return train, test
+
+
+def _read_jsonl(text: str, source: str) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{source} line {number} is not valid JSON ({error.msg}); fix that line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise UserError(f"{source} line {number} needs a 'prompt' string, as in GenEval's metadata format")
+        rows.append(row)
+    return rows
+
+
+def load_prompts(name_or_path: str | Path) -> list[dict[str, Any]]:
+    """Load prompts as a list of dicts, each with at least ``"prompt"``.
+
+    Args:
+        name_or_path: ``"toy-train"`` or ``"toy-test"`` (the shipped GenEval-format sets), a
+            ``.jsonl`` file in GenEval's metadata format, or a plain text file with one prompt
+            per line (each becomes ``{"prompt": line}``, with no metadata).
+    """
+    name = str(name_or_path)
+    if name in BUILTIN:
+        text = resources.files("densegrpo.toy").joinpath("data", BUILTIN[name]).read_text(encoding="utf-8")
+        return _read_jsonl(text, name)
+    path = Path(name)
+    if not path.is_file():
+        raise UserError(
+            f"prompt set '{name}' is neither a file nor a built-in set; use one of "
+            f"{', '.join(BUILTIN)}, a .jsonl metadata file or a text file with one prompt per line"
+        )
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(text, str(path))
+    return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+
+
+def write_splits(folder: Path) -> tuple[int, int]:
+    """Write ``train.jsonl`` and ``test.jsonl`` into ``folder``; returns their line counts."""
+    train, test = split_prompts()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+        with open(folder / name, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return len(train), len(test)
+
+
+if __name__ == "__main__":
+    counts = write_splits(Path(__file__).parent / "data")
+    print(f"wrote {counts[0]} train and {counts[1]} test prompts")
