@@ -1,0 +1,191 @@
+"""DenseGRPO's reward-aware exploration calibration (Algorithm 1, method.md section 4).
+
+One round, from the dense gains ``dR`` of ``N`` SDE trajectories sampled with the current
+``psi``: for every step,
+    n_pos = #(dR > 0),  n_neg = #(dR < 0)
+    |n_pos - n_neg| < eps1  ->  psi += eps2     (balanced: explore more)
+    otherwise               ->  psi -= eps2     (imbalanced: too much noise, most samples get worse)
+
+The paper gives no clamp range, no round count and no convergence test; this toolkit adds:
+
+* a clamp range for psi (default ``[0, 1.5]``);
+* ``max_rounds`` (default 10) after which :attr:`done` is true;
+* a convergence test. Under Algorithm 1 psi never stands still (every round moves every
+  step by +-eps2) unless it is pinned at a clamp bound, so "psi no longer changes" means
+  "psi oscillates around a fixed point": :attr:`converged` is true when, for each of the
+  last ``patience`` rounds, every step's psi equals its value two rounds earlier (within
+  ``1e-3 * eps2``). That holds when each step alternates up/down (the last
+  ``patience + 1`` moves alternate in sign) or stays pinned at a bound, and fails while a
+  step still drifts (two moves the same way change psi by ``2 * eps2``).
+
+Steps whose gains are all NaN carry no information and keep their psi for the round.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from densegrpo.calibrators.uniform import num_steps_of
+from densegrpo.protocols import CalibrationStats
+
+
+class RewardAwareCalibrator:
+    """Per-step SDE noise level ``psi (T,)`` tuned by DenseGRPO's Algorithm 1.
+
+    * :meth:`noise_level` ``(sigmas (T+1,)) -> psi (T,)`` float32; psi starts at ``initial``
+      for every step, sized lazily from the first grid it sees.
+    * :meth:`update` applies one round from ``CalibrationStats.gains (N, T)``.
+    * ``history``: one JSON-serialisable dict per round, with ``round`` (1-based),
+      ``psi_before``, ``psi``, ``n_pos``, ``n_neg``, ``n_valid`` and ``balanced`` per step.
+    * :attr:`converged`, :attr:`done`, :meth:`state_dict` / :meth:`load_state_dict`.
+
+    The loop samples ``samples_per_round`` trajectories (fresh prompts) per round and
+    calls :meth:`update` until :attr:`done`; online re-calibration calls it again later
+    regardless of :attr:`done`.
+    """
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        initial: float = Field(
+            0.7, ge=0.0, description="Starting psi of every step: the uniform noise level a (Flow-GRPO's 0.7)."
+        )
+        eps1: float = Field(
+            2.0, gt=0.0, description="Balance threshold: a step is balanced when |n_pos - n_neg| < eps1 (DenseGRPO Alg. 1: 2)."
+        )
+        eps2: float = Field(0.01, gt=0.0, description="Change of psi per round (DenseGRPO Alg. 1: 0.01).")
+        samples_per_round: int = Field(
+            32, ge=1, description="N, trajectories (each with a fresh prompt) sampled per round (Alg. 1's N; the loop reads it)."
+        )
+        max_rounds: int = Field(
+            10, ge=0, description="Rounds after which calibration stops even without convergence (the paper gives none)."
+        )
+        clamp: tuple[float, float] = Field(
+            (0.0, 1.5), description="Range psi is kept in, (min, max) (the paper gives none)."
+        )
+        patience: int = Field(
+            2,
+            ge=1,
+            description="Converged when, for this many consecutive rounds, every step's psi equals its value two "
+            "rounds earlier (oscillation around a fixed point, or pinned at a clamp bound).",
+        )
+
+        @model_validator(mode="after")
+        def _check_range(self) -> "RewardAwareCalibrator.Config":
+            low, high = self.clamp
+            if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or low > high:
+                raise ValueError(f"clamp must be (min, max) with 0 <= min <= max, got {self.clamp}; e.g. [0.0, 1.5]")
+            if not low <= self.initial <= high:
+                raise ValueError(
+                    f"initial psi {self.initial} lies outside clamp {self.clamp}; choose an initial value inside the range"
+                )
+            return self
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or self.Config()
+        self._psi: list[float] | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # -- the protocol -----------------------------------------------------------------
+    def noise_level(self, sigmas: Tensor) -> Tensor:
+        """``sigmas (T+1,)`` -> psi ``(T,)`` float32 on ``sigmas.device``."""
+        psi = self._psi_for(num_steps_of(sigmas, "reward-aware calibrator"))
+        return torch.tensor(psi, dtype=torch.float32, device=sigmas.device)
+
+    def update(self, stats: CalibrationStats) -> None:
+        """One round of Algorithm 1 from ``stats.gains (N, T)``; NaN gains are ignored."""
+        gains = stats.gains
+        if not isinstance(gains, Tensor) or gains.dim() != 2 or gains.shape[0] == 0:
+            shape = tuple(gains.shape) if isinstance(gains, Tensor) else type(gains).__name__
+            raise ValueError(f"reward-aware calibrator: gains must be a non-empty (N, T) tensor, got {shape}")
+        psi_before = self._psi_for(int(gains.shape[1]))
+        gains = gains.detach()
+        n_pos = (gains > 0).sum(dim=0).tolist()  # NaN compares False: not counted
+        n_neg = (gains < 0).sum(dim=0).tolist()
+        n_valid = torch.isfinite(gains).sum(dim=0).tolist()
+        low, high = self.config.clamp
+        psi, balanced = [], []
+        for value, pos, neg, valid in zip(psi_before, n_pos, n_neg, n_valid):
+            is_balanced = abs(pos - neg) < self.config.eps1
+            balanced.append(bool(is_balanced))
+            if valid == 0:
+                psi.append(value)  # no information about this step
+                continue
+            step = self.config.eps2 if is_balanced else -self.config.eps2  # Alg. 1
+            psi.append(min(max(value + step, low), high))
+        self._psi = psi
+        self.history.append(
+            {
+                "round": len(self.history) + 1,
+                "psi_before": list(psi_before),
+                "psi": list(psi),
+                "n_pos": [int(n) for n in n_pos],
+                "n_neg": [int(n) for n in n_neg],
+                "n_valid": [int(n) for n in n_valid],
+                "balanced": balanced,
+            }
+        )
+
+    # -- bookkeeping ------------------------------------------------------------------
+    @property
+    def psi(self) -> list[float] | None:
+        """The current psi per step (``None`` before the first grid), as plain floats."""
+        return None if self._psi is None else list(self._psi)
+
+    @property
+    def rounds(self) -> int:
+        """Rounds applied so far."""
+        return len(self.history)
+
+    @property
+    def converged(self) -> bool:
+        """psi oscillates around (or is pinned at) a fixed point; see the module docstring."""
+        patience = self.config.patience
+        if len(self.history) < patience + 1:
+            return False
+        trail = [self.history[0]["psi_before"]] + [entry["psi"] for entry in self.history]
+        tolerance = 1e-3 * self.config.eps2
+        last = len(trail) - 1
+        for r in range(last - patience + 1, last + 1):
+            if any(abs(a - b) > tolerance for a, b in zip(trail[r], trail[r - 2])):
+                return False
+        return True
+
+    @property
+    def done(self) -> bool:
+        """Calibration before training may stop: converged, or ``max_rounds`` reached."""
+        return self.converged or len(self.history) >= self.config.max_rounds
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for an exact resume, as plain lists and numbers (JSON-safe)."""
+        return {"psi": self.psi, "history": copy.deepcopy(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if not isinstance(state, dict) or "psi" not in state or "history" not in state:
+            raise ValueError(
+                "reward-aware calibrator state must be a dict with 'psi' and 'history'; pass what state_dict() returned"
+            )
+        psi = state["psi"]
+        if psi is not None and (
+            not isinstance(psi, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in psi)
+        ):
+            raise ValueError("reward-aware calibrator state 'psi' must be a list of finite numbers or null")
+        self._psi = None if psi is None else [float(v) for v in psi]
+        self.history = copy.deepcopy(list(state["history"]))
+
+    def _psi_for(self, num_steps: int) -> list[float]:
+        if self._psi is None:
+            self._psi = [float(self.config.initial)] * num_steps
+        elif len(self._psi) != num_steps:
+            raise ValueError(
+                f"reward-aware calibrator holds psi for T = {len(self._psi)} steps but was given T = {num_steps}; "
+                "keep sampling.num_steps the same as during calibration, or start a fresh calibration"
+            )
+        return list(self._psi)
