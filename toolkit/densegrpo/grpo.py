@@ -1,0 +1,253 @@
+"""The GRPO loop, in the order of method.md section 2:
+
+    rollout -> rewards -> advantages -> per-step clipped loss + KL -> optimizer step
+
+Symbols follow the papers: ``ratio``, ``clip_range`` (epsilon), ``advantages`` (A),
+``beta``, ``noise_level`` (a_t or psi(t)), ``sigmas``. Bookkeeping (run folders, metrics
+files, checkpoints, plots) lives in :mod:`densegrpo.train`; this module only does maths
+and returns numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from densegrpo.build import WeightedReward
+from densegrpo.config import TrainConfig
+from densegrpo.dense import DenseRewardEngine
+from densegrpo.distributed import World
+from densegrpo.protocols import CalibrationStats, DenseRewards, RewardBatch, Trajectory
+
+
+@dataclass
+class Batch:
+    """One rank's share of a global batch. Rows are samples; groups are contiguous globally.
+
+    Attributes:
+        prompts: ``n`` prompt strings (the rank's rows).
+        metadata: ``n`` GenEval-style metadata dicts (or ``None``).
+        noise: ``(n, C, h, w)`` initial noise.
+        step_noise: ``(n, T, C, h, w)`` per-step Gaussian draws.
+        global_size: ``N``, samples in the whole batch over all ranks.
+    """
+
+    prompts: list[str]
+    metadata: list[dict[str, Any] | None]
+    noise: Tensor
+    step_noise: Tensor
+    global_size: int
+
+
+class RewardScorer:
+    """Scores decoded images of a batch: a weighted sum of the configured rewards.
+
+    ``scorer(images (M,3,H,W), rows (M,))`` binds each image to its sample's prompt and
+    metadata. NaN from any reward makes the sum NaN ("not applicable").
+    """
+
+    def __init__(self, rewards: list[WeightedReward], prompts: list[str], metadata: list[dict[str, Any] | None]):
+        self.rewards = rewards
+        self.prompts = prompts
+        self.metadata = metadata
+        self.calls = 0
+
+    def per_reward(self, images: Tensor, rows: Tensor) -> Tensor:
+        """``(M, R)`` raw scores of each reward."""
+        index = rows.tolist()
+        prompts = [self.prompts[i] for i in index]
+        metadata = [self.metadata[i] for i in index]
+        self.calls += int(images.shape[0])
+        columns = [r.model(images.float(), prompts, metadata).float().reshape(-1).cpu() for r in self.rewards]
+        return torch.stack(columns, dim=1)
+
+    def __call__(self, images: Tensor, rows: Tensor) -> Tensor:
+        weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
+        return (self.per_reward(images, rows) * weights).sum(dim=1)
+
+
+@dataclass
+class Scored:
+    """Rollout plus rewards of one iteration, gathered over ranks where it matters."""
+
+    traj: Trajectory
+    terminal: Tensor  # (N,) global
+    dense: DenseRewards | None  # rewards (N, T+1) global, papers' order
+    nfe_rollout: int
+    nfe_dense: int
+    reward_calls: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def rollout_and_score(
+    policy: Any,
+    sampler: Any,
+    scorer: RewardScorer,
+    batch: Batch,
+    sigmas: Tensor,
+    noise_level: Tensor,
+    world: World,
+    engine: DenseRewardEngine | None,
+    generator: torch.Generator | None = None,
+) -> Scored:
+    """Steps 1 and 2: sample trajectories with ``noise_level`` and score them.
+
+    With ``engine`` set, every state is scored: ``R_t = R(ODE_n(x_t))`` (DenseGRPO, method.md
+    section 3); otherwise only ``R(x_0)`` (Flow-GRPO).
+    """
+    device = policy.device
+    started = time.perf_counter()
+    with torch.no_grad():
+        cond = policy.encode(batch.prompts)
+        traj = sampler.rollout(
+            policy,
+            cond,
+            batch.noise.to(device),
+            sigmas.to(device),
+            noise_level.to(device),
+            step_noise=batch.step_noise.to(device),
+            generator=generator,
+        )
+    rolled = time.perf_counter()
+    local_rows = torch.arange(traj.num_samples)
+    calls_before = scorer.calls
+    with torch.no_grad():
+        if engine is not None:
+            dense_local = engine(policy, traj, scorer)
+            dense_rewards = world.gather(dense_local.rewards.float().cpu())
+            dense = DenseRewards(dense_rewards, nfe=int(world.sum(dense_local.nfe)), reward_calls=0)
+            terminal = dense.terminal
+            nfe_dense = dense.nfe
+        else:
+            terminal = world.gather(scorer(policy.decode(traj.final), local_rows).float())
+            dense, nfe_dense = None, 0
+    scored = time.perf_counter()
+    return Scored(
+        traj=traj,
+        terminal=terminal,
+        dense=dense,
+        nfe_rollout=int(world.sum(traj.num_samples * traj.num_steps)),
+        nfe_dense=nfe_dense,
+        reward_calls=int(world.sum(scorer.calls - calls_before)),
+        seconds={"rollout_s": rolled - started, "reward_s": scored - rolled},
+    )
+
+
+def compute_advantages(estimator: Any, scored: Scored, group_size: int, advantage_clip: float) -> Tensor:
+    """Step 3: advantages ``(N, T)`` on the global batch, clipped to +-advantage_clip (method.md section 2)."""
+    rewards = RewardBatch(
+        terminal=scored.terminal,
+        dense=None if scored.dense is None else scored.dense.rewards,
+        num_steps=scored.traj.num_steps,
+        group_size=group_size,
+    )
+    advantages = estimator(rewards)
+    return advantages.float().clamp(-advantage_clip, advantage_clip)
+
+
+def trained_step_mask(traj: Trajectory, timestep_fraction: float) -> Tensor:
+    """``(n, T)`` bool: steps that enter the loss; the last steps are dropped by ``timestep_fraction``."""
+    num_train = max(1, int(traj.num_steps * timestep_fraction))
+    mask = traj.trained_steps.clone().bool()
+    mask[:, num_train:] = False
+    return mask
+
+
+def update_policy(
+    policy: Any,
+    sampler: Any,
+    optimizer: torch.optim.Optimizer,
+    traj: Trajectory,
+    advantages: Tensor,
+    train: TrainConfig,
+    world: World,
+) -> dict[str, float]:
+    """Step 4: per-step clipped surrogate plus KL to the reference, one optimizer step per minibatch.
+
+    ``advantages (n, T)`` are this rank's rows. Gradients are accumulated over the trained
+    steps of a minibatch (loss divided by their count), averaged over ranks, clipped by
+    norm, then AdamW steps.
+    """
+    clip_range, beta = train.clip_range, train.beta
+    mask = trained_step_mask(traj, train.timestep_fraction)
+    parameters = policy.trainable_parameters()
+    n = traj.num_samples
+    minibatch = train.minibatch_size or n
+    totals = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_dev_max": 0.0, "grad_norm": 0.0}
+    terms, updates, nfe_train = 0, 0, 0
+    first_ratio_dev = None
+    for _epoch in range(train.inner_epochs):
+        for start in range(0, n, minibatch):
+            rows = list(range(start, min(n, start + minibatch)))
+            part = traj.select(rows)
+            part_mask = mask[rows]
+            steps = [k for k in range(traj.num_steps) if bool(part_mask[:, k].any())]
+            for k in steps:
+                use = part_mask[:, k]
+                # log p_theta(x_{t-1} | x_t) and its mean, with gradients
+                log_prob, mean = sampler.log_prob(policy, part, k)
+                nfe_train += len(rows)
+                old_log_prob = part.log_probs[:, k]
+                A = advantages[rows, k].to(log_prob.device)
+                # ratio = exp(log p_theta - log p_old)
+                ratio = torch.exp(log_prob - old_log_prob)
+                # L_clip = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+                unclipped = -A * ratio
+                clipped = -A * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+                policy_loss = torch.maximum(unclipped, clipped)[use].mean()
+                # L_kl = (mean_theta - mean_ref)^2 / (2 std_t^2), closed-form Gaussian KL to the base model
+                if beta > 0:
+                    with torch.no_grad(), policy.reference():
+                        _, mean_ref = sampler.log_prob(policy, part, k)
+                    nfe_train += len(rows)
+                    std = part.step_std[k].clamp_min(1e-12)
+                    kl_per_sample = ((mean - mean_ref) ** 2).flatten(1).mean(dim=1) / (2 * std**2)
+                    kl = kl_per_sample[use].mean()
+                else:
+                    kl = torch.zeros((), device=log_prob.device)
+                loss = policy_loss + beta * kl
+                (loss / len(steps)).backward()
+                with torch.no_grad():
+                    deviation = (ratio[use] - 1.0).abs()
+                    if first_ratio_dev is None:
+                        first_ratio_dev = float(deviation.max())
+                    totals["policy_loss"] += float(policy_loss)
+                    totals["kl"] += float(kl)
+                    totals["approx_kl"] += float(0.5 * ((log_prob - old_log_prob)[use] ** 2).mean())
+                    totals["clipfrac"] += float((deviation > clip_range).float().mean())
+                    totals["ratio_dev_max"] = max(totals["ratio_dev_max"], float(deviation.max()))
+                terms += 1
+            world.average_gradients(parameters)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip)
+            totals["grad_norm"] += float(grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            updates += 1
+    stats = {k: v / max(terms, 1) for k, v in totals.items() if k not in {"ratio_dev_max", "grad_norm"}}
+    stats["ratio_dev_max"] = totals["ratio_dev_max"]
+    stats["grad_norm"] = totals["grad_norm"] / max(updates, 1)
+    stats["first_step_ratio_dev"] = first_ratio_dev if first_ratio_dev is not None else math.nan
+    stats["nfe_train"] = float(world.sum(nfe_train))
+    stats["trained_steps"] = float(sum(1 for k in range(traj.num_steps) if bool(mask[:, k].any())))
+    return stats
+
+
+def dense_gain_stats(dense: DenseRewards | None) -> dict[str, Any]:
+    """Per-step mean gain dR and share of positive gains (NaN-aware), for logging."""
+    if dense is None:
+        return {}
+    gains = dense.gains()
+    valid = ~torch.isnan(gains)
+    count = valid.sum(0).clamp_min(1)
+    mean = torch.where(valid, gains, torch.zeros_like(gains)).sum(0) / count
+    positive = ((gains > 0) & valid).sum(0).float() / count
+    return {"dense_gain_mean": [round(float(v), 6) for v in mean], "dense_gain_pos_frac": [round(float(v), 4) for v in positive]}
+
+
+def calibration_stats(dense: DenseRewards, sigmas: Tensor, noise_level: Tensor) -> CalibrationStats:
+    return CalibrationStats(gains=dense.gains(), sigmas=sigmas.cpu(), noise_level=noise_level.cpu())

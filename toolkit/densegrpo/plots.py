@@ -1,0 +1,63 @@
+"""PNG plots for runs: reward curves and calibrated noise levels (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Training reward (mean +- std over the batch) and ODE evaluation reward against iteration."""
+    iterations = np.array([r["iteration"] + 1 for r in rows])
+    mean = np.array([r["reward_mean"] for r in rows], dtype=float)
+    std = np.array([r.get("reward_std", 0.0) for r in rows], dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(iterations, mean, label="train reward (SDE rollouts)", color="tab:blue")
+    ax.fill_between(iterations, mean - std, mean + std, alpha=0.2, color="tab:blue")
+    evals = [(r["iteration"] + 1, r["eval_reward"]) for r in rows if "eval_reward" in r]
+    base = [r["eval_reward_base"] for r in rows if "eval_reward_base" in r]
+    if base:
+        evals = [(0, base[0])] + evals
+    if evals:
+        xs, ys = zip(*evals)
+        ax.plot(xs, ys, "o-", color="tab:red", label="eval reward (ODE, test prompts)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("GRPO reward")
+    return _save(fig, path)
+
+
+def plot_calibration(history: list[dict[str, Any]], path: Path, uniform: float | None = None) -> Path:
+    """psi(t) per calibration round against the uniform noise level."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    count = len(history)
+    cmap = plt.get_cmap("viridis")
+    for i, entry in enumerate(history):
+        psi = entry["noise_level_next"]
+        ax.plot(range(len(psi)), psi, color=cmap(i / max(count - 1, 1)), alpha=0.8, label=f"round {entry['round'] + 1}" if i in {0, count - 1} else None)
+    if uniform is not None and history:
+        ax.axhline(uniform, color="black", linestyle="--", label=f"uniform a = {uniform:g}")
+    ax.set_xlabel("step index k (0 = pure noise)")
+    ax.set_ylabel("noise level psi")
+    ax.set_title("Reward-aware calibration (DenseGRPO Algorithm 1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
