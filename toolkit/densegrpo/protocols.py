@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
-KINDS = ("policies", "samplers", "rewards", "advantages", "calibrators")
+from densegrpo.kinds import KINDS
 
 
 @dataclass

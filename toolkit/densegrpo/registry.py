@@ -27,7 +27,7 @@ from densegrpo.errors import (
     PluginImportError,
     UnknownComponentError,
 )
-from densegrpo.protocols import KINDS
+from densegrpo.kinds import KINDS
 
 GROUP_PREFIX = "densegrpo."
 CORE_DISTRIBUTION = "densegrpo"

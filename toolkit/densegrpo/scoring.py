@@ -48,9 +48,9 @@ def score_from_cli(images: list[Path], reward: str, prompts: list[str], metadata
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
-    model = registry.load("rewards", reward, config)
     tensors = load_images(images)
     records = parse_metadata(metadata, len(images))
+    model = registry.load("rewards", reward, config)
     results = []
     for path, image, prompt, meta in zip(images, tensors, prompts, records):
         score = model(image.unsqueeze(0), [prompt], [meta])

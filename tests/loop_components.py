@@ -1,0 +1,38 @@
+"""Tiny components for loop tests, usable by 'module:attr' in configs (tests/ on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from densegrpo.testing import GaussianFlowPolicy
+
+
+class AnalyticPolicy(GaussianFlowPolicy):
+    """The closed-form Gaussian flow policy with a registry-style Config."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        mean: float = Field(0.0, description="Initial data mean mu.")
+        std: float = Field(0.5, description="Data std s.")
+        size: int = Field(4, description="Latent height and width.")
+        train_std: bool = Field(False, description="Whether log_std is trainable.")
+        device: str = Field("cpu", description="Device.")
+
+    def __init__(self, config: Config | None = None):
+        config = config or self.Config()
+        super().__init__(mean=config.mean, std=config.std, latent_shape=(3, config.size, config.size), train_std=config.train_std, device=config.device)
+
+
+class BrightnessReward:
+    """Higher when the image's mean brightness is closer to ``target``."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        target: float = Field(0.8, description="Brightness that scores best.")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config or self.Config()
+
+    def __call__(self, images, prompts, metadata):
+        return -(images.float().mean(dim=(1, 2, 3)) - self.config.target).abs()

@@ -1,0 +1,132 @@
+"""The GRPO loop on the closed-form Gaussian policy: exact first ratio, updates, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from densegrpo import config as cfg
+from densegrpo.train import Trainer, run_training
+
+TESTS = Path(__file__).parent
+ANALYTIC = [
+    "policy.name=loop_components:AnalyticPolicy",
+    "rewards.0.name=loop_components:BrightnessReward",
+    "sampling.num_steps=4",
+    "sampling.eval_steps=4",
+    "train.group_size=4",
+    "train.groups_per_iteration=2",
+    "train.learning_rate=0.05",
+    "train.clip_range=0.2",
+    "logging.progress=false",
+    "logging.sample_prompts=2",
+    "logging.eval_prompts=4",
+    "calibrator.config.max_rounds=1",
+    "calibrator.config.samples_per_round=8",
+]
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def analytic_config(*extra: str) -> cfg.RunConfig:
+    return cfg.resolve(None, [*ANALYTIC, *extra])
+
+
+@pytest.mark.parametrize("advantage", ["sparse", "dense"])
+def test_first_inner_step_ratio_is_one_and_kl_is_zero(tmp_path, advantage):
+    trainer = Trainer(analytic_config(f"advantage.name={advantage}", "train.beta=0.04"), tmp_path)
+    record = trainer.step(0)
+    assert record["first_step_ratio_dev"] == 0.0
+    assert record["ratio_dev_max"] == 0.0  # one optimizer step per iteration: every step sees the old policy
+    assert record["kl"] == 0.0 and record["approx_kl"] == 0.0
+    assert record["nfe_rollout"] == 8 * 4
+    if advantage == "dense":
+        assert record["nfe_dense"] == 8 * 4 * 3 // 2  # N * T(T-1)/2 with velocity reuse
+        assert len(record["dense_gain_mean"]) == 4
+    else:
+        assert record["nfe_dense"] == 0
+
+
+def test_one_optimizer_step_changes_trainable_and_not_frozen(tmp_path):
+    trainer = Trainer(analytic_config("advantage.name=sparse"), tmp_path)
+    mu_before = trainer.policy.mu.detach().clone()
+    std_before = trainer.policy.log_std.detach().clone()
+    trainer.step(0)
+    assert not torch.equal(trainer.policy.mu.detach(), mu_before)
+    assert torch.equal(trainer.policy.log_std.detach(), std_before)
+
+
+def test_second_iteration_sees_a_changed_policy_and_reference_stays_base(tmp_path):
+    trainer = Trainer(analytic_config("advantage.name=sparse", "train.beta=0.04"), tmp_path)
+    trainer.step(0)
+    record = trainer.step(1)
+    assert record["kl"] > 0.0  # the policy moved away from the base model
+    with trainer.policy.reference():
+        assert torch.equal(trainer.policy.mu.detach(), torch.zeros_like(trainer.policy.mu))
+
+
+def test_training_raises_reward_on_the_analytic_problem(tmp_path):
+    summary = run_training(analytic_config("advantage.name=dense", "iterations=25", "checkpoint_every=0", "train.beta=0"), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = sum(r["reward_mean"] for r in rows[:3]) / 3
+    last = sum(r["reward_mean"] for r in rows[-3:]) / 3
+    assert last > first + 0.02, (first, last)
+    for key in ("iteration", "reward_mean", "reward_std", "noise_level", "approx_kl", "clipfrac", "zero_std_ratio", "nan_rewards", "nfe_rollout", "nfe_dense", "nfe_train", "wall_s", "dense_gain_mean", "dense_gain_pos_frac"):
+        assert key in rows[-1], key
+    run = tmp_path / "run"
+    assert (run / "reward_curve.png").exists() and (run / "calibration.png").exists()
+    assert list((run / "samples").glob("*.png")) and (run / "checkpoints" / "latest").exists()
+    assert summary["iterations"] == 25
+
+
+def _cli(args, env):
+    return subprocess.Popen([sys.executable, "-m", "densegrpo", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    sets = [a for item in [*ANALYTIC, "iterations=8", "checkpoint_every=2", "advantage.name=dense", "logging.eval_prompts=0", "logging.sample_prompts=0"] for a in ("--set", item)]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = _cli(["train", *sets, "--out", str(straight)], env)
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+    victim = _cli(["train", *sets, "--out", str(killed)], env)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if len(lines) >= 5 or victim.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run ended before it could be killed; make it longer"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert (killed / "checkpoints" / "latest").exists()
+    resumed = _cli(["train", "--resume", str(killed)], env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = load_file(straight / "checkpoints" / "iter-000008" / "trainable.safetensors")
+    b = load_file(killed / "checkpoints" / "iter-000008" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(8))
+    ref = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in ref]
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    run_training(analytic_config("iterations=1", "advantage.name=sparse", "calibrator.name=uniform"), tmp_path / "run")
+    from densegrpo.errors import UserError
+
+    with pytest.raises(UserError, match="--resume"):
+        run_training(analytic_config("iterations=1", "advantage.name=sparse", "calibrator.name=uniform"), tmp_path / "run")
