@@ -22,6 +22,12 @@ The paper gives no clamp range, no round count and no convergence test; this too
   window, and ``max_rounds`` ends calibration if none comes.
 
 Steps whose gains are all NaN carry no information and keep their psi for the round.
+
+Note on eps1. With the paper's eps1 = 2 and an even N, ``n_pos - n_neg`` is even (when no
+gain is exactly 0), so "balanced" means an exact tie. For gains that are fair coins the
+tie has probability C(N, N/2) / 2^N (0.14 for N = 32), so psi goes down in most rounds
+even where the gains are balanced on average. If psi keeps falling, raise eps1 (about
+sqrt(N)) or lower ``samples_per_round``; tests/test_calibrators.py shows both behaviours.
 """
 
 from __future__ import annotations
