@@ -66,6 +66,13 @@ class CLIPScoreReward:
         """Wrap an in-memory ``CLIPModel`` and ``CLIPProcessor`` (tests, custom checkpoints)."""
         return cls(config, model=model, processor=processor)
 
+    @classmethod
+    def contract_instance(cls) -> "CLIPScoreReward":
+        """A tiny random-weight instance for the core contract tests (offline, CPU)."""
+        from densegrpo_pickscore.testing import tiny_clipscore
+
+        return tiny_clipscore()
+
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         """Like ``__call__`` but keeps gradients: ``(N,3,H,W)``, ``N`` prompts -> ``(N,)``."""
         return self.scorer.score(images, prompts)
