@@ -1,0 +1,312 @@
+"""Samplers against independent truth (method.md section 1).
+
+The "policy" is the exact rectified-flow velocity of Gaussian data x0 ~ N(mu, s^2 I)
+(densegrpo.testing.GaussianFlowPolicy), whose marginals N((1 - sigma) mu, (1 - sigma)^2 s^2
++ sigma^2) are known in closed form; log-densities come from torch.distributions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from densegrpo import registry
+from densegrpo.samplers._gaussian import euler_mean, flow_sde_std
+from densegrpo.samplers.cps import CPSSampler
+from densegrpo.samplers.flow_sde import FlowSDESampler
+from densegrpo.samplers.ode import ODESampler
+from densegrpo.samplers.sde_window import SDEWindowSampler
+from densegrpo.sigmas import make_sigmas
+from densegrpo.testing import GaussianFlowPolicy
+
+MU, S = 0.7, 0.4  # method.md's marginal table uses x0 ~ N(0.7, 0.4^2)
+SHAPE = (1, 8, 8)  # every latent dim is an independent draw: 64 values per sample
+
+
+def rollout_stats(sampler, num_steps: int, noise_level: float, num_samples: int = 512,
+                  std: float = S, seed: int = 0):
+    """Per-state sample mean and std over all samples and dims, and the exact ones."""
+    policy = GaussianFlowPolicy(MU, std, SHAPE)
+    sigmas = make_sigmas(num_steps)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_samples, *SHAPE), generator=generator)
+    traj = sampler.rollout(policy, policy.encode([""] * num_samples), noise, sigmas,
+                           torch.full((num_steps,), noise_level), generator=generator)
+    latents = traj.latents.double()
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    sd = latents.std(dim=(0, 2, 3, 4))
+    sig = sigmas.double()
+    true_mean = (1 - sig) * MU
+    true_sd = torch.sqrt((1 - sig) ** 2 * std**2 + sig**2)
+    return sigmas, mean, sd, true_mean, true_sd
+
+
+def mean_within_sampling_error(mean, true_mean, true_sd, count: int) -> bool:
+    """Every state's sample mean within 5 standard errors (plus a 0.005 floor) of the truth."""
+    return bool(((mean - true_mean).abs() <= 5 * true_sd / math.sqrt(count) + 0.005).all())
+
+
+def wrong_drift_mean(x, v, sigma, sigma_next, noise_level, cap):
+    """Flow-SDE mean with 4 sigma in place of 2 sigma (a deliberately wrong drift)."""
+    std_t = flow_sde_std(sigma, noise_level, cap)
+    return x + (v + std_t**2 / (4.0 * sigma) * (x + (1.0 - sigma) * v)) * (sigma_next - sigma)
+
+
+class WrongDriftSDE(FlowSDESampler):
+    sde_mean = staticmethod(wrong_drift_mean)
+
+
+def make_policy(dtype=torch.float32):
+    shifts = {"red": 0.5, "blue": -0.3}
+    return GaussianFlowPolicy(MU, S, (3, 4, 4), prompt_shifts=shifts, dtype=dtype)
+
+
+ALL_SAMPLERS = {
+    "ode": lambda: ODESampler(),
+    "flow-sde": lambda: FlowSDESampler(),
+    "cps": lambda: CPSSampler(),
+    "sde-window": lambda: SDEWindowSampler(SDEWindowSampler.Config(window_size=3, seed=1)),
+}
+
+
+def small_rollout(name: str, num_steps: int = 10, noise_level: float = 0.7, seed: int = 0,
+                  policy=None, sampler=None):
+    policy = policy if policy is not None else make_policy()
+    sampler = sampler if sampler is not None else ALL_SAMPLERS[name]()
+    prompts = ["red", "blue", "green", "red", "blue", "green"]
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(prompts), *policy.latent_shape), generator=generator)
+    traj = sampler.rollout(policy, policy.encode(prompts), noise, make_sigmas(num_steps),
+                           torch.full((num_steps,), noise_level), generator=generator)
+    return policy, sampler, traj
+
+
+# -- marginals ---------------------------------------------------------------------------
+
+def test_many_step_ode_maps_noise_to_data() -> None:
+    sigmas, mean, sd, true_mean, true_sd = rollout_stats(ODESampler(), 400, 0.0)
+    assert abs(float(mean[-1]) - MU) < 0.01
+    assert abs(float(sd[-1]) / S - 1) < 0.02
+    assert mean_within_sampling_error(mean, true_mean, true_sd, 512 * 64)
+    assert float(((sd - true_sd) / true_sd).abs().max()) < 0.02  # and every marginal on the way
+
+
+@pytest.mark.parametrize("noise_level", [0.3, 0.7, 1.0])
+def test_flow_sde_preserves_marginal_on_fine_grid(noise_level: float) -> None:
+    sigmas, mean, sd, true_mean, true_sd = rollout_stats(FlowSDESampler(), 200, noise_level)
+    rel = ((sd - true_sd) / true_sd).abs()
+    # Away from sigma = 1 (see FlowSDESampler's docstring: the sigma == 1 cap makes the first
+    # steps stiff; that transient does not shrink with T and is bounded separately below).
+    away = sigmas.double() <= 0.95
+    assert float(rel[away].max()) < 0.03, rel
+    assert mean_within_sampling_error(mean, true_mean, true_sd, 512 * 64)
+    assert float(rel.max()) < {0.3: 0.03, 0.7: 0.06, 1.0: 0.17}[noise_level]
+    # method.md: final std 0.396 at T = 200 with the correct drift (a = 0.7).
+    if noise_level == 0.7:
+        assert abs(float(sd[-1]) - 0.396) < 0.005
+
+
+def test_wrong_drift_fails_the_marginal_check() -> None:
+    sigmas, mean, sd, true_mean, true_sd = rollout_stats(WrongDriftSDE(), 200, 0.7)
+    rel = ((sd - true_sd) / true_sd).abs()
+    assert float(rel[sigmas.double() <= 0.95].max()) > 0.2  # the check above would fail
+    assert abs(float(sd[-1]) - 0.544) < 0.01  # method.md's table
+
+
+def test_flow_sde_error_shrinks_as_grid_refines() -> None:
+    errors = []
+    for num_steps in (25, 50, 100, 200):
+        _, _, sd, _, _ = rollout_stats(FlowSDESampler(), num_steps, 0.7)
+        errors.append(abs(float(sd[-1]) - S))
+    assert all(b < 0.7 * a for a, b in zip(errors, errors[1:])), errors
+
+
+@pytest.mark.parametrize("num_steps", [10, 200])
+@pytest.mark.parametrize("noise_level", [0.5, 1.0])
+def test_cps_preserves_coefficients(num_steps: int, noise_level: float) -> None:
+    # CPS preserves the marginal when the clean estimate is exact (point-mass data): x_k is
+    # then exactly N((1 - sigma) mu, sigma^2) at every step, on any grid, even T = 10.
+    # (For spread-out data it substitutes a posterior mean and shrinks the variance; see
+    # CPSSampler's docstring.)
+    sigmas, mean, sd, true_mean, true_sd = rollout_stats(CPSSampler(), num_steps, noise_level,
+                                                         std=1e-4)
+    assert float(((sd - true_sd).abs() - 0.02 * true_sd).max()) < 1e-3
+    assert mean_within_sampling_error(mean, true_mean, true_sd, 512 * 64)
+
+
+def test_wrong_cps_coefficient_fails() -> None:
+    def wrong_mean(x, v, sigma, sigma_next, noise_level, cap):
+        return (x - sigma * v) * (1 - sigma_next) + (x + (1 - sigma) * v) * sigma_next
+
+    class WrongCPS(CPSSampler):
+        sde_mean = staticmethod(wrong_mean)
+
+    sigmas, mean, sd, true_mean, true_sd = rollout_stats(WrongCPS(), 10, 0.5, std=1e-4)
+    assert float(((sd - true_sd) / true_sd)[1:-1].abs().max()) > 0.1
+
+
+# -- exactness of each step --------------------------------------------------------------
+
+def test_noise_level_zero_flow_sde_equals_ode() -> None:
+    _, _, ode = small_rollout("ode", noise_level=0.0)
+    for name in ("flow-sde", "cps", "sde-window"):
+        _, _, sde = small_rollout(name, noise_level=0.0)
+        assert torch.allclose(sde.latents, ode.latents, atol=1e-6, rtol=0), name
+        assert not bool(sde.trained_steps.any()) and bool((sde.log_probs == 0).all())
+    # The stochastic means themselves reduce to Euler at a = 0 (not only the rollout branch).
+    x, v = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    zero, cap = torch.tensor(0.0), torch.tensor(0.96)
+    for sigma, sigma_next in [(1.0, 0.96), (0.6, 0.46), (0.0089, 0.0)]:
+        s, sn = torch.tensor(sigma), torch.tensor(sigma_next)
+        euler = euler_mean(x, v, s, sn)
+        assert torch.allclose(FlowSDESampler.sde_mean(x, v, s, sn, zero, cap), euler, atol=1e-6)
+        assert torch.allclose(CPSSampler.sde_mean(x, v, s, sn, zero, cap), euler, atol=1e-6)
+
+
+def expected_mean_and_std(name: str, x, v, sigma: float, sigma_next: float, a: float, cap: float):
+    """method.md section 1, written out independently of the package (float64)."""
+    dt = sigma_next - sigma
+    if name == "cps":
+        std_t = sigma_next * math.sin(a * math.pi / 2)
+        mean = (x - sigma * v) * (1 - sigma_next) + (x + (1 - sigma) * v) * math.sqrt(
+            max(sigma_next**2 - std_t**2, 0.0))
+        return mean, std_t
+    std_t = a * math.sqrt(sigma / (1 - (cap if sigma == 1.0 else sigma)))
+    mean = x + (v + std_t**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
+    return mean, std_t * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("name", ["flow-sde", "cps", "sde-window"])
+def test_log_probs_match_torch_distributions(name: str) -> None:
+    policy, sampler, traj = small_rollout(name)
+    sigmas = traj.sigmas.tolist()
+    cap = sigmas[1]  # largest sigma below 1 on this grid
+    step_kind = "cps" if name == "cps" else "flow-sde"
+    assert bool(traj.trained_steps.any())
+    for k in range(traj.num_steps):
+        x, x_next = traj.latents[:, k].double(), traj.latents[:, k + 1].double()
+        v = policy.velocity(traj.latents[:, k], torch.full((6,), sigmas[k]), traj.cond).double()
+        assert torch.allclose(traj.velocities[:, k].double(), v, atol=1e-6)
+        if not bool(traj.trained_steps[0, k]):
+            assert float(traj.step_std[k]) == 0 and bool((traj.log_probs[:, k] == 0).all())
+            assert torch.allclose(traj.means[:, k].double(), x + v * (sigmas[k + 1] - sigmas[k]),
+                                  atol=1e-6)
+            assert torch.equal(traj.latents[:, k + 1], traj.means[:, k])
+            continue
+        a = float(traj.noise_level[k])
+        mean, std = expected_mean_and_std(step_kind, x, v, sigmas[k], sigmas[k + 1], a, cap)
+        assert math.isclose(float(traj.step_std[k]), std, rel_tol=1e-5)
+        assert torch.allclose(traj.means[:, k].double(), mean, atol=1e-5)
+        expected = torch.distributions.Normal(traj.means[:, k].double(), std).log_prob(x_next)
+        expected = expected.flatten(1).mean(dim=1)
+        assert torch.allclose(traj.log_probs[:, k].double(), expected, atol=1e-4, rtol=1e-6)
+        assert bool(torch.isfinite(traj.log_probs[:, k]).all())
+    assert traj.trained_steps.dtype == torch.bool
+    assert (traj.trained_steps == traj.trained_steps[:1]).all()  # same steps for every sample
+
+
+@pytest.mark.parametrize("name", list(ALL_SAMPLERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_log_prob_gives_ratio_exactly_one(name: str, dtype) -> None:
+    policy, sampler, traj = small_rollout(name, policy=make_policy(dtype))
+    for field in ("latents", "log_probs", "means", "velocities", "sigmas", "step_std"):
+        assert getattr(traj, field).dtype == torch.float32, field
+    for k in range(traj.num_steps):
+        log_prob, mean = sampler.log_prob(policy, traj, k)
+        assert log_prob.shape == (6,) and mean.shape == (6, 3, 4, 4)
+        assert torch.equal(log_prob, traj.log_probs[:, k])
+        assert torch.equal(mean, traj.means[:, k])
+        assert bool((torch.exp(log_prob - traj.log_probs[:, k]) == 1).all())
+        # gradients reach the trainable parameters through the recomputed velocity
+        policy.zero_grad()
+        (log_prob.sum() + mean.sum()).backward()
+        assert policy.mu.grad is not None and float(policy.mu.grad.abs().sum()) > 0
+
+
+def test_flow_sde_last_step_is_sampled_with_finite_log_prob() -> None:
+    _, _, traj = small_rollout("flow-sde")
+    assert bool(traj.trained_steps[:, -1].all()) and float(traj.step_std[-1]) > 0
+    assert bool(torch.isfinite(traj.log_probs).all())
+    _, _, clean = small_rollout("flow-sde", sampler=FlowSDESampler(
+        FlowSDESampler.Config(deterministic_last_step=True)))
+    assert not bool(clean.trained_steps[:, -1].any()) and float(clean.step_std[-1]) == 0
+    _, _, cps = small_rollout("cps")
+    assert not bool(cps.trained_steps[:, -1].any())  # sigma_next = 0 => std 0 for CPS
+
+
+# -- reproducibility, noise handling, windows --------------------------------------------
+
+@pytest.mark.parametrize("name", ["flow-sde", "cps", "sde-window"])
+def test_seeded_rollouts_are_reproducible(name: str) -> None:
+    _, _, first = small_rollout(name, seed=3)
+    _, _, again = small_rollout(name, seed=3)
+    _, _, other = small_rollout(name, seed=4)
+    assert torch.equal(first.latents, again.latents)
+    assert torch.equal(first.log_probs, again.log_probs)
+    assert not torch.equal(first.latents, other.latents)
+
+
+def test_step_noise_fixes_the_draws() -> None:
+    policy = make_policy()
+    sigmas, level = make_sigmas(6), torch.full((6,), 0.7)
+    noise = torch.randn(4, 3, 4, 4)
+    step_noise = torch.randn(4, 6, 3, 4, 4)
+    cond = policy.encode(["red"] * 4)
+    traj = FlowSDESampler().rollout(policy, cond, noise, sigmas, level, step_noise=step_noise)
+    for k in range(6):
+        expected = traj.means[:, k] + traj.step_std[k] * step_noise[:, k]
+        assert torch.allclose(traj.latents[:, k + 1], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="step_noise"):
+        FlowSDESampler().rollout(policy, cond, noise, sigmas, level, step_noise=step_noise[:, :3])
+
+
+def test_sde_window_trains_only_its_window() -> None:
+    sampler = SDEWindowSampler(SDEWindowSampler.Config(window_size=2, window_start=4))
+    _, _, traj = small_rollout("sde-window", sampler=sampler)
+    expected = torch.zeros(10, dtype=torch.bool)
+    expected[4:6] = True
+    assert torch.equal(traj.trained_steps, expected.expand(6, 10))
+    assert torch.equal(traj.noise_level > 0, expected)
+    assert bool((traj.step_std[~expected] == 0).all()) and bool((traj.step_std[expected] > 0).all())
+
+
+def test_sde_window_draw_is_seeded_per_call() -> None:
+    config = SDEWindowSampler.Config(window_size=3, seed=7)
+    first, second = SDEWindowSampler(config), SDEWindowSampler(config)
+    starts = []
+    for _ in range(12):
+        _, _, traj_a = small_rollout("sde-window", sampler=first)
+        _, _, traj_b = small_rollout("sde-window", sampler=second)
+        assert torch.equal(traj_a.trained_steps, traj_b.trained_steps)
+        row = traj_a.trained_steps[0].nonzero().flatten().tolist()
+        assert len(row) == 3 and row == list(range(row[0], row[0] + 3))
+        starts.append(row[0])
+    assert len(set(starts)) > 1 and max(starts) <= 7
+    assert first.window(10, call=5) == (starts[5], starts[5] + 3)  # restorable by call index
+    limited = SDEWindowSampler(SDEWindowSampler.Config(window_size=2, max_window_start=1))
+    assert all(limited.window(10, call=c)[0] <= 1 for c in range(20))
+
+
+@pytest.mark.parametrize("config", [{"window_size": 11}, {"window_size": 2, "window_start": 9}])
+def test_sde_window_rejects_windows_outside_the_grid(config) -> None:
+    with pytest.raises(ValueError, match="window"):
+        small_rollout("sde-window", sampler=SDEWindowSampler(SDEWindowSampler.Config(**config)))
+
+
+def test_bad_grid_and_noise_level_raise() -> None:
+    policy = make_policy()
+    cond, noise = policy.encode(["red"] * 2), torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="sigmas"):
+        FlowSDESampler().rollout(policy, cond, noise, torch.tensor([0.0, 0.5, 1.0]), torch.ones(2))
+    with pytest.raises(ValueError, match="noise_level"):
+        FlowSDESampler().rollout(policy, cond, noise, make_sigmas(4), torch.ones(3))
+    with pytest.raises(ValueError, match="noise_level"):
+        FlowSDESampler().rollout(policy, cond, noise, make_sigmas(4), -torch.ones(4))
+
+
+@pytest.mark.parametrize("name", list(ALL_SAMPLERS))
+def test_registered_and_loadable(name: str) -> None:
+    sampler = registry.load("samplers", name, {})
+    assert isinstance(sampler, type(ALL_SAMPLERS[name]()))

@@ -1,0 +1,121 @@
+"""SDE on a window of steps, ODE elsewhere (MixGRPO / Flow-GRPO-Fast; method.md section 1)."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from densegrpo.protocols import Cond, Policy, Trajectory
+from densegrpo.samplers._gaussian import (
+    check_grid,
+    cps_mean,
+    flow_sde_mean,
+    gaussian_rollout,
+    gaussian_step_log_prob,
+)
+from densegrpo.samplers.cps import cps_step_std
+from densegrpo.samplers.flow_sde import flow_sde_step_std
+
+_MEANS = {"flow-sde": flow_sde_mean, "cps": cps_mean}
+
+
+class SDEWindowSampler:
+    """Stochastic steps only inside a window ``[start, start + window_size)``; Euler ODE
+    steps elsewhere; only window steps carry a log-prob and are trained.
+
+    Choosing the window. With ``window_start`` set, the window is fixed. Otherwise each call
+    of :meth:`rollout` draws ``start`` uniformly from ``[0, min(max_window_start,
+    T - window_size)]`` with a counter-based generator seeded by ``(seed, calls)``, where
+    ``calls`` counts this sampler's rollouts. One rollout call samples the whole batch, so the
+    window is shared by every prompt group of that iteration. The choice does not touch the
+    noise ``generator``, and restoring ``sampler.calls`` (e.g. to the iteration number when
+    resuming) reproduces the same windows. :meth:`window` tells which window a call will use.
+
+    Inside the window the step is ``sde`` (``flow-sde`` or ``cps``) with the given noise
+    level; outside, ``noise_level`` is recorded as 0.
+    """
+
+    class Config(BaseModel):
+        """Options of the SDE-window sampler."""
+
+        model_config = ConfigDict(extra="forbid")
+        window_size: int = Field(
+            2, ge=1, description="Number of consecutive SDE (trained) steps; MixGRPO and "
+            "Flow-GRPO-Fast train 1 to 4 steps per iteration."
+        )
+        window_start: int | None = Field(
+            None, ge=0, description="Fix the window's first step index k (0 = the pure-noise step); "
+            "None draws it per rollout call."
+        )
+        max_window_start: int | None = Field(
+            None, ge=0, description="Latest step index a drawn window may start at (None: T - window_size). "
+            "Flow-GRPO-Fast keeps the window among the early, high-noise steps."
+        )
+        seed: int = Field(0, description="Seed of the per-call window draw.")
+        sde: Literal["flow-sde", "cps"] = Field(
+            "flow-sde", description="Stochastic step used inside the window."
+        )
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+        self.calls = 0
+
+    def window(self, num_steps: int, call: int | None = None) -> tuple[int, int]:
+        """``(start, stop)`` step indices of the window of rollout number ``call``
+        (default: the next one) on a ``T = num_steps`` grid."""
+        size = self.config.window_size
+        if size > num_steps:
+            raise ValueError(
+                f"window_size {size} exceeds the {num_steps} sampling steps; lower window_size."
+            )
+        last = num_steps - size
+        if self.config.window_start is not None:
+            if self.config.window_start > last:
+                raise ValueError(
+                    f"window_start {self.config.window_start} + window_size {size} exceeds the "
+                    f"{num_steps} steps; use window_start <= {last}."
+                )
+            start = self.config.window_start
+        else:
+            if self.config.max_window_start is not None:
+                last = min(last, self.config.max_window_start)
+            call = self.calls if call is None else call
+            start = random.Random(self.config.seed * 1_000_003 + call).randint(0, last)
+        return start, start + size
+
+    def rollout(
+        self,
+        policy: Policy,
+        cond: Cond,
+        noise: Tensor,
+        sigmas: Tensor,
+        noise_level: Tensor,
+        *,
+        step_noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Trajectory:
+        """Sample from ``noise (N,C,h,w)`` along ``sigmas (T+1,)``; ``noise_level (T,)`` is
+        used inside this call's window only."""
+        check_grid(sigmas, noise_level)
+        start, stop = self.window(sigmas.numel() - 1)
+        self.calls += 1
+        inside = torch.zeros_like(noise_level, dtype=torch.bool)
+        inside[start:stop] = True
+        level = torch.where(inside, noise_level.to(torch.float32), torch.zeros((), dtype=torch.float32,
+                                                                               device=noise_level.device))
+        if self.config.sde == "cps":
+            step_std = cps_step_std(sigmas, level)
+        else:
+            step_std = flow_sde_step_std(sigmas, level)
+        return gaussian_rollout(
+            policy, cond, noise, sigmas, level, step_std, _MEANS[self.config.sde],
+            step_noise=step_noise, generator=generator,
+        )
+
+    def log_prob(self, policy: Policy, traj: Trajectory, step: int) -> tuple[Tensor, Tensor]:
+        """Step ``k``'s ``(log_prob (N,), mean (N,C,h,w))`` recomputed with gradients."""
+        return gaussian_step_log_prob(policy, traj, step, _MEANS[self.config.sde])
