@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from densegrpo.geneval_rules import relative_position
+from densegrpo.geneval_rules import Detection, relative_position
 
 SHAPES = ("circle", "square", "triangle")
 """Object classes. Triangles point up."""
@@ -128,6 +128,11 @@ def render(scene: Scene, size: int = DEFAULT_SIZE) -> np.ndarray:
         color = np.asarray(PALETTE[obj.color], dtype=np.float32)
         image = image * (1 - alpha) + color * alpha
     return np.clip(image, 0.0, 1.0)
+
+
+def truth_detections(scene: Scene, size: int = DEFAULT_SIZE) -> list[Detection]:
+    """The scene's objects as perfect detections (confidence 1, boxes in pixels at ``size``)."""
+    return [Detection(obj.shape, obj.color, obj.box(size), 1.0) for obj in scene.objects]
 
 
 def _boxes_apart(a: SceneObject, b: SceneObject, gap: float) -> bool:
@@ -252,4 +257,5 @@ __all__ = [
     "render_scenes",
     "sample_scenes",
     "scene_from_metadata",
+    "truth_detections",
 ]
