@@ -189,3 +189,19 @@ def test_registered_and_lazy():
             assert field.description, f"{cls.__name__}.Config.{name} has no description"
         with pytest.raises(Exception):
             cls.Config(unknown=1)
+
+
+def test_unreachable_hub_fails_fast_with_one_line(monkeypatch):
+    import densegrpo_pickscore._clip as clip_module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def unreachable(repo_id):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(clip_module, "probe_hub", unreachable)
+    with pytest.raises(WeightsNotFoundError) as info:
+        PickScoreReward(PickScoreReward.Config(processor="densegrpo-test/no-such-processor"))
+    message = str(info.value)
+    assert "\n" not in message and "could not be downloaded" in message and "ConnectionError" in message

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -38,7 +39,9 @@ class MissingHPSv2Error(UserError, ImportError):
 def import_open_clip() -> Any:
     """hpsv2x's bundled open_clip, or one line that says how to install it."""
     try:
-        import hpsv2.src.open_clip as open_clip
+        with warnings.catch_warnings():  # hpsv2's open_clip imports timm.models.layers (deprecated)
+            warnings.simplefilter("ignore", FutureWarning)
+            import hpsv2.src.open_clip as open_clip
     except ImportError as error:
         raise MissingHPSv2Error(
             f"the HPS rewards need hpsv2x ({one_line(error)}); run `pip install --no-deps hpsv2x==1.2.0` "
@@ -58,6 +61,13 @@ def hub_offline(flag: bool) -> bool:
 
 def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def probe_hub(repo_id: str) -> None:
+    """Fail within seconds when the hub is unreachable (download retries can take a minute)."""
+    from huggingface_hub import HfApi
+
+    HfApi().model_info(repo_id, timeout=10)
 
 
 def checkpoint_path(source: str, filename: str, *, what: str, offline: bool) -> str:
@@ -87,6 +97,7 @@ def checkpoint_path(source: str, filename: str, *, what: str, offline: bool) -> 
                 "`checkpoint` to a local file"
             ) from error
     try:
+        probe_hub(source)
         return hf_hub_download(source, filename)
     except Exception as error:
         raise WeightsNotFoundError(

@@ -51,6 +51,13 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
+def probe_hub(repo_id: str) -> None:
+    """Fail within seconds when the hub is unreachable (download retries can take a minute)."""
+    from huggingface_hub import HfApi
+
+    HfApi().model_info(repo_id, timeout=10)
+
+
 def load_pretrained(
     load: Callable[..., Any], source: str, *, what: str, field: str, offline: bool
 ) -> Any:
@@ -73,15 +80,16 @@ def load_pretrained(
     except OSError as error:
         if hub_offline(offline):
             raise WeightsNotFoundError(
-                f"{what} weights '{source}' are not in the local Hugging Face cache and the hub is "
+                f"{what} '{source}' is not in the local Hugging Face cache and the hub is "
                 f"offline; run `hf download {source}` where there is network, or set the reward's "
                 f"`{field}` to a local folder"
             ) from error
     try:
+        probe_hub(source)
         return load(source, local_files_only=False)
     except Exception as error:  # network, auth and missing-repo errors all end here
         raise WeightsNotFoundError(
-            f"{what} weights '{source}' could not be downloaded ({one_line(error)}); run "
+            f"{what} '{source}' could not be downloaded ({one_line(error)}); run "
             f"`hf download {source}` where there is network, or set the reward's `{field}` to a local folder"
         ) from error
 
