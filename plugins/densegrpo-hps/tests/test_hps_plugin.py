@@ -43,6 +43,7 @@ def checkpoint(tmp_path_factory):
 
 
 def hpsv2_reference(checkpoint, images: torch.Tensor, prompts: list[str], version: str) -> torch.Tensor:
+    """``hpsv2.img_score.score`` per pair; its cache folder is pointed next to the checkpoint."""
     import hpsv2.img_score as img_score
     from hpsv2.src.open_clip import create_model_and_transforms
 
@@ -53,8 +54,9 @@ def hpsv2_reference(checkpoint, images: torch.Tensor, prompts: list[str], versio
         image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
         with_score_predictor=False, with_region_predictor=False,
     )
-    saved = dict(img_score.model_dict)
+    saved, saved_root = dict(img_score.model_dict), img_score.root_path
     img_score.model_dict.update(model=model, preprocess_val=preprocess_val)
+    img_score.root_path = str(checkpoint.parent / "hpsv2-root")  # score() creates this folder
     try:
         scores = [
             img_score.score([image], prompt, cp=str(checkpoint), hps_version=version)[0]
@@ -63,6 +65,7 @@ def hpsv2_reference(checkpoint, images: torch.Tensor, prompts: list[str], versio
     finally:
         img_score.model_dict.clear()
         img_score.model_dict.update(saved)
+        img_score.root_path = saved_root
     return torch.tensor([float(s) for s in scores])
 
 
