@@ -149,6 +149,7 @@ class EasyOCRBackend:
         network_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():  # easyocr's CPU quantisation triggers torch deprecation notices
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             self.reader = easyocr.Reader(
                 ["en"],
                 gpu=device.startswith("cuda"),
