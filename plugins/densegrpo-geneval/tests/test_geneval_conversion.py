@@ -184,3 +184,10 @@ def test_malformed_metadata_file_is_one_line_user_error(tmp_path):
     with pytest.raises(MetadataError) as caught:
         GenEvalReward(GenEvalReward.Config(metadata_file=str(path)), detector=object(), color_classifier=object())
     assert isinstance(caught.value, UserError) and "bad.jsonl:2" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_position_threshold_reaches_the_rules():
+    # centres 20 px apart, boxes 50 px wide: 0.1 * (50 + 50) leaves 10 of 20 (ratio 0.5, not > 0.5)
+    scene = Scene().add("cat", 0.9, "white", 0, 40, 50, 60).add("dog", 0.9, "white", 20, 40, 70, 60)
+    assert score(scene, DOG_RIGHT_OF_CAT, "correct")[0] == 0.0
+    assert score(scene, DOG_RIGHT_OF_CAT, "correct", position_threshold=0.05)[0] == 1.0
