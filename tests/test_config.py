@@ -84,3 +84,9 @@ def test_file_errors(tmp_path):
     (tmp_path / "range.yaml").write_text("train:\n  beta: -1\n")
     with pytest.raises(ConfigError, match="train.beta"):
         cfg.resolve(tmp_path / "range.yaml")
+
+
+def test_set_switching_component_name_drops_previous_options():
+    run = cfg.resolve(None, ["calibrator.config.max_rounds=3", "calibrator.name=uniform", "advantage.name=dense", "advantage.config.completion=2"])
+    assert run.calibrator.name == "uniform" and run.calibrator.config == {}
+    assert run.advantage.config == {"completion": 2}

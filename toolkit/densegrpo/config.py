@@ -206,6 +206,8 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
             options = ", ".join(sorted(node)) if node else "none"
             raise ConfigError(f"--set {dotted}: unknown key '{part}'; valid keys here: {options}")
         if last:
+            if part == "name" and isinstance(node.get("config"), dict) and node.get("name") != value:
+                node["config"] = {}  # another component: the previous one's options do not apply
             node[part] = value
             return
         if part not in node:
