@@ -130,3 +130,29 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 
     with pytest.raises(UserError, match="--resume"):
         run_training(analytic_config("iterations=1", "advantage.name=sparse", "calibrator.name=uniform"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("advantage", ["sparse", "dense"])
+def test_multi_reward_sum_of_advantages_equals_weighted_per_reward_advantages(tmp_path, advantage):
+    from densegrpo import registry
+    from densegrpo.grpo import compute_advantages, rollout_and_score
+    from densegrpo.protocols import RewardBatch
+
+    config = cfg.resolve(None, [*ANALYTIC, f"advantage.name={advantage}", "reward_combine=sum-advantages"])
+    data = config.model_dump(mode="json")
+    data["rewards"].append({"name": "loop_components:BrightnessReward", "weight": 0.5, "config": {"target": 0.2}})
+    config = cfg.validate(data)
+    trainer = Trainer(config, tmp_path)
+    batch = trainer.make_batch(0, 1, 2, 4, False)
+    engine = trainer.engine if advantage == "dense" else None
+    scored = rollout_and_score(trainer.policy, trainer.parts.sampler, trainer.scorer(batch, True), batch, trainer.sigmas, trainer.parts.calibrator.noise_level(trainer.sigmas), trainer.world, engine)
+    combined = compute_advantages(trainer.parts.advantage, scored, 4, 100.0, weights=[1.0, 0.5])
+    estimator = registry.load("advantages", advantage)
+    expected = torch.zeros_like(combined)
+    for r, weight in enumerate([1.0, 0.5]):
+        dense = scored.dense_per_reward[..., r] if advantage == "dense" else None
+        expected += weight * estimator(RewardBatch(scored.terminal_per_reward[:, r], dense, 4, 4))
+    assert torch.allclose(combined, expected, atol=1e-6)
+    assert not torch.allclose(combined, compute_advantages(estimator, scored.__class__(**{**scored.__dict__, "terminal_per_reward": None}), 4, 100.0), atol=1e-3)
+    record = trainer.step(0)
+    assert record["reward_mean"] == record["reward_mean"]  # finite

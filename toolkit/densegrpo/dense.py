@@ -218,13 +218,14 @@ class DenseRewardEngine:
                 chunk_rows = rows[start:start + self.max_batch_size]
                 images = policy.decode(flat[start:start + self.max_batch_size])
                 value = torch.as_tensor(score(images, chunk_rows))
-                if value.shape != chunk_rows.shape:
+                if value.ndim not in (1, 2) or value.shape[0] != chunk_rows.numel():
                     raise ValueError(
                         f"score returned shape {tuple(value.shape)} for {chunk_rows.numel()} images; "
-                        "it must return one reward per image, shape (M,)."
+                        "it must return one reward per image, shape (M,) (or (M, R) for R rewards)."
                     )
                 scores.append(value.detach().to(estimates.device, torch.float32))
-        by_step_index = torch.cat(scores).reshape(num_samples, num_states)
+        stacked = torch.cat(scores)
+        by_step_index = stacked.reshape(num_samples, num_states, *stacked.shape[1:])
         return DenseRewards(rewards=by_step_index.flip(1), nfe=nfe, reward_calls=int(flat.shape[0]))
 
 

@@ -45,19 +45,23 @@ class Batch:
 
 
 class RewardScorer:
-    """Scores decoded images of a batch: a weighted sum of the configured rewards.
+    """Scores decoded images of a batch with the configured rewards.
 
     ``scorer(images (M,3,H,W), rows (M,))`` binds each image to its sample's prompt and
-    metadata. NaN from any reward makes the sum NaN ("not applicable").
+    metadata and returns the weighted sum ``(M,)`` of the rewards (Flow-GRPO's multi-reward),
+    or, with ``per_reward=True``, the raw scores ``(M, R)`` (for a weighted sum of per-reward
+    advantages). NaN from a reward makes the sum NaN ("not applicable").
     """
 
-    def __init__(self, rewards: list[WeightedReward], prompts: list[str], metadata: list[dict[str, Any] | None]):
+    def __init__(self, rewards: list[WeightedReward], prompts: list[str], metadata: list[dict[str, Any] | None], per_reward: bool = False):
         self.rewards = rewards
         self.prompts = prompts
         self.metadata = metadata
+        self.per_reward = per_reward
+        self.weights = torch.tensor([r.weight for r in rewards], dtype=torch.float32)
         self.calls = 0
 
-    def per_reward(self, images: Tensor, rows: Tensor) -> Tensor:
+    def raw(self, images: Tensor, rows: Tensor) -> Tensor:
         """``(M, R)`` raw scores of each reward."""
         index = rows.tolist()
         prompts = [self.prompts[i] for i in index]
@@ -66,9 +70,13 @@ class RewardScorer:
         columns = [r.model(images.float(), prompts, metadata).float().reshape(-1).cpu() for r in self.rewards]
         return torch.stack(columns, dim=1)
 
+    def combine(self, raw: Tensor) -> Tensor:
+        """Weighted sum over the last dimension ``(..., R) -> (...)``."""
+        return (raw * self.weights).sum(dim=-1)
+
     def __call__(self, images: Tensor, rows: Tensor) -> Tensor:
-        weights = torch.tensor([r.weight for r in self.rewards], dtype=torch.float32)
-        return (self.per_reward(images, rows) * weights).sum(dim=1)
+        raw = self.raw(images, rows)
+        return raw if self.per_reward else self.combine(raw)
 
 
 @dataclass
@@ -76,12 +84,14 @@ class Scored:
     """Rollout plus rewards of one iteration, gathered over ranks where it matters."""
 
     traj: Trajectory
-    terminal: Tensor  # (N,) global
-    dense: DenseRewards | None  # rewards (N, T+1) global, papers' order
+    terminal: Tensor  # (N,) global, weighted sum of the rewards
+    dense: DenseRewards | None  # rewards (N, T+1) global, papers' order, weighted sum
     nfe_rollout: int
     nfe_dense: int
     reward_calls: int
     seconds: dict[str, float] = field(default_factory=dict)
+    terminal_per_reward: Tensor | None = None  # (N, R) raw, when scoring per reward
+    dense_per_reward: Tensor | None = None  # (N, T+1, R) raw, papers' order
 
 
 def rollout_and_score(
@@ -116,16 +126,22 @@ def rollout_and_score(
     rolled = time.perf_counter()
     local_rows = torch.arange(traj.num_samples)
     calls_before = scorer.calls
+    terminal_raw = dense_raw = None
     with torch.no_grad():
         if engine is not None:
             dense_local = engine(policy, traj, scorer)
-            dense_rewards = world.gather(dense_local.rewards.float().cpu())
-            dense = DenseRewards(dense_rewards, nfe=int(world.sum(dense_local.nfe)), reward_calls=0)
+            gathered = world.gather(dense_local.rewards.float().cpu())
+            nfe_dense = int(world.sum(dense_local.nfe))
+            if scorer.per_reward:
+                dense_raw, terminal_raw = gathered, gathered[:, 0]
+                gathered = scorer.combine(gathered)
+            dense = DenseRewards(gathered, nfe=nfe_dense, reward_calls=0)
             terminal = dense.terminal
-            nfe_dense = dense.nfe
         else:
-            terminal = world.gather(scorer(policy.decode(traj.final), local_rows).float())
-            dense, nfe_dense = None, 0
+            values = world.gather(scorer(policy.decode(traj.final), local_rows).float())
+            if scorer.per_reward:
+                terminal_raw, values = values, scorer.combine(values)
+            terminal, dense, nfe_dense = values, None, 0
     scored = time.perf_counter()
     return Scored(
         traj=traj,
@@ -135,18 +151,33 @@ def rollout_and_score(
         nfe_dense=nfe_dense,
         reward_calls=int(world.sum(scorer.calls - calls_before)),
         seconds={"rollout_s": rolled - started, "reward_s": scored - rolled},
+        terminal_per_reward=terminal_raw,
+        dense_per_reward=dense_raw,
     )
 
 
-def compute_advantages(estimator: Any, scored: Scored, group_size: int, advantage_clip: float) -> Tensor:
-    """Step 3: advantages ``(N, T)`` on the global batch, clipped to +-advantage_clip (method.md section 2)."""
-    rewards = RewardBatch(
-        terminal=scored.terminal,
-        dense=None if scored.dense is None else scored.dense.rewards,
-        num_steps=scored.traj.num_steps,
-        group_size=group_size,
-    )
-    advantages = estimator(rewards)
+def compute_advantages(
+    estimator: Any, scored: Scored, group_size: int, advantage_clip: float, weights: list[float] | None = None
+) -> Tensor:
+    """Step 3: advantages ``(N, T)`` on the global batch, clipped to +-advantage_clip (method.md section 2).
+
+    With per-reward scores in ``scored`` (and their ``weights``), the estimator runs once per
+    reward and the advantages are summed with the weights; otherwise it runs on the weighted
+    sum of rewards (Flow-GRPO).
+    """
+    T = scored.traj.num_steps
+    use_dense = scored.dense is not None
+    if scored.terminal_per_reward is None or weights is None:
+        batch = RewardBatch(scored.terminal, scored.dense.rewards if use_dense else None, T, group_size)
+        advantages = estimator(batch)
+    else:
+        from densegrpo.advantages.multi import combine_advantages
+
+        per_reward = []
+        for r in range(scored.terminal_per_reward.shape[1]):
+            dense_r = scored.dense_per_reward[..., r] if (use_dense and scored.dense_per_reward is not None) else None
+            per_reward.append(estimator(RewardBatch(scored.terminal_per_reward[:, r], dense_r, T, group_size)))
+        advantages = combine_advantages(per_reward, weights)
     return advantages.float().clamp(-advantage_clip, advantage_clip)
 
 

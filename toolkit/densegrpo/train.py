@@ -81,10 +81,7 @@ class Trainer:
         self.iteration = 0
         self.totals = {"wall_s": 0.0, "elapsed_s": 0.0, "nfe_rollout": 0, "nfe_dense": 0, "nfe_train": 0, "nfe_calibration": 0}
         self.global_batch = t.group_size * t.groups_per_iteration
-        if config.reward_combine == "sum-advantages" and len(config.rewards) > 1:
-            raise UserError(
-                "reward_combine=sum-advantages is not implemented yet for several rewards; use reward_combine=sum-rewards"
-            )
+        self.per_reward = config.reward_combine == "sum-advantages" and len(config.rewards) > 1
 
     # ---- batches ---------------------------------------------------------------------
     def make_batch(self, iteration: int, stream: int, groups: int, group_size: int, same_noise: bool) -> Batch:
@@ -113,8 +110,8 @@ class Trainer:
             global_size=total,
         )
 
-    def scorer(self, batch: Batch) -> RewardScorer:
-        return RewardScorer(self.parts.rewards, batch.prompts, batch.metadata)
+    def scorer(self, batch: Batch, per_reward: bool = False) -> RewardScorer:
+        return RewardScorer(self.parts.rewards, batch.prompts, batch.metadata, per_reward=per_reward)
 
     # ---- calibration -----------------------------------------------------------------
     def calibrate(self, rounds: int | None = None, log: Any = None) -> list[dict[str, Any]]:
@@ -158,7 +155,7 @@ class Trainer:
         online = self.config.calibration.online_every and (iteration + 1) % self.config.calibration.online_every == 0
         engine = self.engine if (self.estimator_is_dense or online) else None
         scored = rollout_and_score(
-            self.policy, self.parts.sampler, self.scorer(batch), batch, self.sigmas, noise_level, self.world, engine,
+            self.policy, self.parts.sampler, self.scorer(batch, self.per_reward), batch, self.sigmas, noise_level, self.world, engine,
             generator=generator_for(self.config.seed, TRAIN_STREAM, iteration),
         )
         if not self.estimator_is_dense and scored.dense is not None:
@@ -172,6 +169,7 @@ class Trainer:
             _with_dense(scored, dense_for_advantages),
             t.group_size,
             t.advantage_clip,
+            weights=[r.weight for r in self.parts.rewards] if self.per_reward else None,
         )
         local_advantages = advantages[self.world.shard(batch.global_size)]
         # 4. clipped surrogate + KL, optimizer step(s)
@@ -284,6 +282,8 @@ class Trainer:
 def _with_dense(scored, dense):
     from dataclasses import replace
 
+    if dense is None:
+        return replace(scored, dense=None, dense_per_reward=None)
     return replace(scored, dense=dense)
 
 
