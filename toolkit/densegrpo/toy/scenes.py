@@ -115,18 +115,25 @@ def render(scene: Scene, size: int = DEFAULT_SIZE) -> np.ndarray:
     """
     if size < 8:
         raise ValueError(f"render size must be at least 8 pixels, got {size}")
-    fine = size * SUPERSAMPLE
-    coords = (np.arange(fine, dtype=np.float32) + 0.5) / fine
-    xs, ys = coords[None, :], coords[:, None]
     image = np.empty((size, size, 3), dtype=np.float32)
     image[:] = BACKGROUND
+    offsets = (np.arange(SUPERSAMPLE, dtype=np.float32) + 0.5) / SUPERSAMPLE
     for obj in scene.objects:
         if obj.color not in PALETTE:
             raise ValueError(f"unknown colour '{obj.color}'; use one of: {', '.join(COLORS)}")
+        # Only the pixels under the object's bounding square can be covered.
+        x0, y0, x1, y1 = (int(np.floor(v)) for v in obj.box(size))
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(x1 + 1, size), min(y1 + 1, size)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        xs = ((np.arange(x0, x1, dtype=np.float32)[:, None] + offsets[None]).reshape(1, -1)) / size
+        ys = ((np.arange(y0, y1, dtype=np.float32)[:, None] + offsets[None]).reshape(-1, 1)) / size
         inside = _coverage(obj, xs, ys).astype(np.float32)
-        alpha = inside.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))[..., None]
+        alpha = inside.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))[..., None]
         color = np.asarray(PALETTE[obj.color], dtype=np.float32)
-        image = image * (1 - alpha) + color * alpha
+        region = image[y0:y1, x0:x1]
+        image[y0:y1, x0:x1] = region * (1 - alpha) + color * alpha
     return np.clip(image, 0.0, 1.0)
 
 
@@ -188,15 +195,15 @@ def scene_from_metadata(
     wanted, relations = _requested_objects(metadata, rng)
     low, high = size_range
     for attempt in range(max_tries):
-        # Shrink the size range if a crowded scene keeps failing.
-        shrink = 1.0 - 0.3 * min(attempt / max_tries * 2, 1.0)
+        # Crowded scenes that keep failing draw smaller objects (never below the range's minimum).
+        upper = high - (high - low) * min(2 * attempt / max_tries, 1.0)
         objects: list[SceneObject] = []
         clause_of: list[int] = []
         ok = True
         for shape, color, index in wanted:
             placed = False
             for _ in range(50):
-                side = float(rng.uniform(low, high)) * shrink if high > low else low
+                side = float(rng.uniform(low, upper)) if upper > low else low
                 lo, hi = MIN_GAP + side / 2, 1 - MIN_GAP - side / 2
                 cand = SceneObject(shape, color, float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), side)
                 if all(_boxes_apart(cand, other, MIN_GAP) for other in objects):
