@@ -16,6 +16,7 @@ from densegrpo.geneval_rules import (
     compute_iou,
     filter_detections,
     geneval_correct,
+    geneval_scores,
     partial_score,
     relative_position,
     strict_correct,
@@ -33,11 +34,14 @@ def at(x, y, size=10):
 
 
 def scores(metadata, detections, **kw):
-    return (
+    result = (
         partial_score(metadata, detections, **kw),
         strict_correct(metadata, detections),
         geneval_correct(metadata, detections),
     )
+    together = geneval_scores(metadata, iter(detections), **kw)  # one pass, even over an iterator
+    assert (together["partial"], together["strict"], together["correct"]) == result
+    return result
 
 
 # ---------------------------------------------------------------- relative_position

@@ -68,7 +68,7 @@ def test_scenes_satisfy_their_metadata(all_prompts):
         for i, a in enumerate(scene.objects):
             x0, y0, x1, y1 = a.box()
             assert 0 <= x0 and 0 <= y0 and x1 <= 1 and y1 <= 1
-            assert 7 / 32 <= a.size <= 12 / 32 + 1e-9
+            assert 8 / 32 - 1e-9 <= a.size <= 12 / 32 + 1e-9
             for b in scene.objects[i + 1 :]:
                 bx0, by0, bx1, by1 = b.box()
                 assert x1 <= bx0 or bx1 <= x0 or y1 <= by0 or by1 <= y0  # no overlap

@@ -363,6 +363,25 @@ def partial_score(
     return float(sum(credits) / len(credits)) if credits else 0.0
 
 
+def geneval_scores(
+    metadata: Mapping[str, Any],
+    detections: Iterable[Detection] | Mapping[str, list[Detection]],
+    **options: Any,
+) -> dict[str, float | bool]:
+    """All three scores at once: ``{"partial": float, "strict": bool, "correct": bool}``.
+
+    ``options`` are the keyword arguments of :func:`partial_score` (thresholds, ``clip_count``,
+    ``exclude_clauses``); evaluation commands use this to report every metric per image.
+    """
+    detections = detections if isinstance(detections, Mapping) else list(detections)
+    shared = {k: v for k, v in options.items() if k not in ("clip_count", "exclude_clauses")}
+    return {
+        "partial": partial_score(metadata, detections, **options),
+        "strict": strict_correct(metadata, detections, **shared),
+        "correct": geneval_correct(metadata, detections, **shared),
+    }
+
+
 __all__ = [
     "COUNTING_THRESHOLD",
     "MAX_OBJECTS",
@@ -376,6 +395,7 @@ __all__ = [
     "confidence_threshold",
     "filter_detections",
     "geneval_correct",
+    "geneval_scores",
     "partial_score",
     "relative_position",
     "strict_correct",
