@@ -13,8 +13,9 @@ Pipeline, vectorised over the whole batch (about 1 ms per image on one CPU core)
 5. Coverage ``alpha`` of each pixel by un-mixing it between background and object colour.
    Mass (area) and centroid of ``alpha`` fix, per hypothesised shape, the size and
    position a perfect shape would need; each hypothesis is rendered (supersampled, like
-   :func:`~densegrpo.toy.scenes.render`) and compared to the observed ``alpha`` window.
-   The best fit names the class and gives the box.
+   :func:`~densegrpo.toy.scenes.render`), also in two blurred variants (generated images
+   are soft), and compared to the observed ``alpha`` window. The best fit names the class
+   and gives the box.
 6. Confidence: the softmax weight of the best fit over the three (sharpness
    :attr:`ToyDetector.temperature`) times a fit-quality factor ``exp(-error / fit_scale)``,
    so clean shapes score close to 1, and blobs, merged objects or smudges score low
@@ -202,7 +203,6 @@ class ToyDetector:
             candidate = (1 - mix) * templates + mix * blurred
             err = ((observed[:, None] - candidate) ** 2).sum(axis=(2, 3)) / mass[:, None]
             errors = np.minimum(errors, err)  # (K, 3) squared error per unit area
-        self._last_errors = errors  # kept for diagnostics
         best = errors.argmin(1)
         logits = -(errors - errors.min(1, keepdims=True)) / self.temperature
         weight = np.exp(logits)
