@@ -182,4 +182,19 @@ def test_bad_mode_batch_size_and_score_raise() -> None:
     policy = make_policy()
     traj = rollout(policy, num_steps=3)
     with pytest.raises(ValueError, match="score"):
-        DenseRewardEngine("t")(policy, traj, lambda images, rows: torch.zeros(len(rows), 2))
+        DenseRewardEngine("t")(policy, traj, lambda images, rows: torch.zeros(len(rows) + 1))
+    with pytest.raises(ValueError, match="score"):
+        DenseRewardEngine("t")(policy, traj, lambda images, rows: torch.zeros(len(rows), 2, 2))
+
+
+def test_several_rewards_per_image_keep_their_column() -> None:
+    policy = make_policy()
+    traj = rollout(policy)
+
+    def two(images, rows):
+        return torch.stack([mean_brightness_reward(images), rows.to(torch.float32)], dim=1)
+
+    both = DenseRewardEngine("t", max_batch_size=7)(policy, traj, two).rewards
+    assert both.shape == (N, T + 1, 2)
+    assert torch.equal(both[..., 0], DenseRewardEngine("t")(policy, traj, brightness).rewards)
+    assert torch.equal(both[..., 1], torch.arange(N, dtype=torch.float32).view(-1, 1).expand(N, T + 1))

@@ -45,8 +45,9 @@ from densegrpo.protocols import Cond, DenseRewards, Policy, Trajectory
 
 Completion = int | str
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
-"""``score(images (M,3,H,W) float32 in [0,1], rows (M,) long) -> rewards (M,)``; ``rows[j]``
-is the trajectory sample image ``j`` belongs to (bind prompts and metadata with it)."""
+"""``score(images (M,3,H,W) float32 in [0,1], rows (M,) long) -> rewards (M,)`` (or ``(M, R)``
+for ``R`` rewards, giving dense rewards ``(N, T+1, R)``); ``rows[j]`` is the trajectory sample
+image ``j`` belongs to (bind prompts and metadata with it)."""
 
 _FRACTION = re.compile(r"^\s*t\s*/\s*(\d+)\s*$")
 

@@ -26,9 +26,11 @@ from densegrpo.protocols import Cond, Policy, Trajectory
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
-# sde_mean(x, v, sigma, sigma_next, noise_level, sigma_cap) -> mean (N,C,h,w); the scalars
-# are 0-d float32 tensors, sigma_cap is the largest grid sigma below 1 (see flow_sde_std).
-SDEMean = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+# sde_mean(x, v, sigma, sigma_next, noise_level, sigma_cap) -> mean (N,C,h,w). The scalars are
+# Python floats: the grid and the noise levels are read once per rollout (one host sync), the
+# per-step coefficients are formed in double precision, and the tensors stay float32. Each
+# mean is one fused ``a * x + b * v``, so the sampler's own cost is a few passes per step.
+SDEMean = Callable[[Tensor, Tensor, float, float, float, float], Tensor]
 
 
 def check_grid(sigmas: Tensor, noise_level: Tensor | None = None) -> None:
@@ -54,66 +56,63 @@ def check_grid(sigmas: Tensor, noise_level: Tensor | None = None) -> None:
             raise ValueError("noise_level must be finite and >= 0 at every step; Flow-GRPO uses 0.7.")
 
 
-def sigma_cap(sigmas: Tensor) -> Tensor:
-    """The largest grid sigma strictly below 1 (0-d), used in place of 1 - sigma = 0."""
-    below = sigmas[sigmas < 1.0]
-    return below.max()
+def sigma_cap(sigmas: Tensor | list[float]) -> float:
+    """The largest grid sigma strictly below 1, used in place of 1 - sigma = 0."""
+    values = sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas
+    return max(s for s in values if s < 1.0)
 
 
-def euler_mean(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+def euler_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float) -> Tensor:
     """ODE (Euler) step: ``x + v * dt`` with ``dt = sigma_next - sigma < 0``."""
-    return x + v * (sigma_next - sigma)
+    return torch.add(x, v, alpha=float(sigma_next) - float(sigma))
 
 
-def flow_sde_std(sigma: Tensor, noise_level: Tensor, cap: Tensor) -> Tensor:
+def flow_sde_std(sigma: float, noise_level: float, cap: float) -> float:
     """Flow-GRPO's ``std_t = a * sqrt(sigma / (1 - sigma))``; at ``sigma == 1`` the
     denominator uses ``1 - cap`` (the largest grid sigma below 1), as Flow-GRPO does."""
-    denominator_sigma = torch.where(sigma >= 1.0, cap, sigma)
-    return noise_level * torch.sqrt(sigma / (1.0 - denominator_sigma))
+    denominator_sigma = cap if sigma >= 1.0 else sigma
+    return noise_level * math.sqrt(sigma / (1.0 - denominator_sigma))
 
 
-def flow_sde_mean(
-    x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: Tensor, cap: Tensor
-) -> Tensor:
-    """Flow-GRPO mean: ``x + [v + std_t^2 / (2 sigma) * (x + (1 - sigma) v)] * dt``."""
-    std_t = flow_sde_std(sigma, noise_level, cap)
+def flow_sde_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_level: float,
+                  cap: float) -> Tensor:
+    """Flow-GRPO mean ``x + [v + std_t^2 / (2 sigma) * (x + (1 - sigma) v)] * dt``, expanded
+    to ``(1 + d dt) x + (1 + d (1 - sigma)) dt v`` with ``d = std_t^2 / (2 sigma)``."""
     dt = sigma_next - sigma
-    return x + (v + std_t**2 / (2.0 * sigma) * (x + (1.0 - sigma) * v)) * dt
+    drift = flow_sde_std(sigma, noise_level, cap) ** 2 / (2.0 * sigma)
+    return torch.add(x * (1.0 + drift * dt), v, alpha=(1.0 + drift * (1.0 - sigma)) * dt)
 
 
-def cps_std(sigma_next: Tensor, noise_level: Tensor) -> Tensor:
+def cps_std(sigma_next: float, noise_level: float) -> float:
     """Coefficient-preserving sampling: ``std_t = sigma_next * sin(a * pi / 2)``."""
-    return sigma_next * torch.sin(noise_level * (math.pi / 2.0))
+    return sigma_next * math.sin(noise_level * (math.pi / 2.0))
 
 
-def cps_mean(
-    x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: Tensor, cap: Tensor
-) -> Tensor:
-    """CPS mean: ``(x - sigma v)(1 - sigma_next) + (x + (1 - sigma) v) sqrt(sigma_next^2 - std_t^2)``.
+def cps_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_level: float,
+             cap: float) -> Tensor:
+    """CPS mean ``(x - sigma v)(1 - sigma_next) + (x + (1 - sigma) v) c``,
+    ``c = sqrt(sigma_next^2 - std_t^2)``, expanded to ``(1 - sigma_next + c) x +
+    (-sigma (1 - sigma_next) + (1 - sigma) c) v``.
 
     ``x - sigma v`` is the clean estimate and ``x + (1 - sigma) v`` the noise estimate of
     the rectified-flow interpolation; ``cap`` is unused.
     """
     del cap
     std_t = cps_std(sigma_next, noise_level)
-    x0_hat = x - sigma * v
-    eps_hat = x + (1.0 - sigma) * v
-    return x0_hat * (1.0 - sigma_next) + eps_hat * torch.sqrt(
-        torch.clamp(sigma_next**2 - std_t**2, min=0.0)
-    )
+    c = math.sqrt(max(sigma_next**2 - std_t**2, 0.0))
+    return torch.add(x * (1.0 - sigma_next + c), v, alpha=-sigma * (1.0 - sigma_next) + (1.0 - sigma) * c)
 
 
-def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """``log N(x_next; mean, std^2 I)`` averaged over every non-batch dim -> ``(N,)`` float32."""
-    std = std.to(torch.float32)
-    z = (x_next.to(torch.float32) - mean) / std
-    density = -0.5 * z**2 - torch.log(std) - LOG_SQRT_2PI
-    return density.flatten(1).mean(dim=1)
+def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: float) -> Tensor:
+    """``log N(x_next; mean, std^2 I)`` averaged over every non-batch dim -> ``(N,)`` float32:
+    ``-mean((x_next - mean)^2) / (2 std^2) - log(std) - log(sqrt(2 pi))``."""
+    square = (x_next.to(torch.float32) - mean).square().flatten(1).mean(dim=1)
+    return square * (-0.5 / std**2) - (math.log(std) + LOG_SQRT_2PI)
 
 
-def velocity_f32(policy: Policy, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+def velocity_f32(policy: Policy, x: Tensor, sigma: float, cond: Cond) -> Tensor:
     """``policy.velocity`` at one grid sigma for the whole batch, cast to float32."""
-    sigma_batch = sigma.to(torch.float32).expand(x.shape[0]).contiguous()
+    sigma_batch = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
     v = policy.velocity(x, sigma_batch, cond)
     if v.shape != x.shape:
         raise ValueError(
@@ -155,7 +154,8 @@ def gaussian_rollout(
     """Run ``T`` Gaussian transitions from ``noise (N,C,h,w)`` and record everything.
 
     Args:
-        step_std: ``(T,)`` float32, the transition std of every step (``0`` = Euler step).
+        step_std: ``(T,)`` float32, the transition std of every step (``0`` = Euler step);
+            its float32 values are the stds used.
         sde_mean: the stochastic steps' mean function (see :data:`SDEMean`).
 
     Returns:
@@ -172,25 +172,27 @@ def gaussian_rollout(
     noise_level = noise_level.to(device=device, dtype=torch.float32)
     step_std = step_std.to(device=device, dtype=torch.float32)
     num_samples, num_steps = noise.shape[0], sigmas.numel() - 1
-    cap = sigma_cap(sigmas)
     stochastic = step_std > 0
+    # One host read of the schedule; the step coefficients are Python floats (see SDEMean).
+    grid, levels, stds = sigmas.tolist(), noise_level.tolist(), step_std.tolist()
+    cap = sigma_cap(grid)
 
     with torch.no_grad():
         x = noise.to(device=device, dtype=torch.float32)
         draws = None
-        if bool(stochastic.any()):
+        if any(std > 0 for std in stds):
             draws = draw_step_noise(
                 (num_samples, num_steps, *x.shape[1:]), device, step_noise, generator
             )
         latents = [x]
         means, velocities, log_probs = [], [], []
         for k in range(num_steps):
-            sigma, sigma_next = sigmas[k], sigmas[k + 1]
+            sigma, sigma_next = grid[k], grid[k + 1]
             v = velocity_f32(policy, x, sigma, cond)
-            if bool(stochastic[k]):
-                mean = sde_mean(x, v, sigma, sigma_next, noise_level[k], cap)
-                x_next = mean + step_std[k] * draws[:, k]
-                log_prob = gaussian_log_prob(x_next, mean, step_std[k])
+            if stds[k] > 0:
+                mean = sde_mean(x, v, sigma, sigma_next, levels[k], cap)
+                x_next = torch.add(mean, draws[:, k], alpha=stds[k])
+                log_prob = gaussian_log_prob(x_next, mean, stds[k])
             else:
                 mean = euler_mean(x, v, sigma, sigma_next)
                 x_next = mean
@@ -227,13 +229,14 @@ def gaussian_step_log_prob(
     if not 0 <= int(step) < num_steps:
         raise ValueError(f"step must be in [0, {num_steps}), got {step}.")
     k = int(step)
-    sigmas = traj.sigmas.to(torch.float32)
-    sigma, sigma_next = sigmas[k], sigmas[k + 1]
+    grid = traj.sigmas.to(torch.float32).tolist()
+    sigma, sigma_next = grid[k], grid[k + 1]
     x = traj.latents[:, k].to(torch.float32)
     v = velocity_f32(policy, x, sigma, traj.cond)
-    std = traj.step_std[k].to(torch.float32)
-    if float(std) > 0:
-        mean = sde_mean(x, v, sigma, sigma_next, traj.noise_level[k].to(torch.float32), sigma_cap(sigmas))
+    std = float(traj.step_std[k])
+    if std > 0:
+        level = float(traj.noise_level[k])
+        mean = sde_mean(x, v, sigma, sigma_next, level, sigma_cap(grid))
         return gaussian_log_prob(traj.latents[:, k + 1], mean, std), mean
     mean = euler_mean(x, v, sigma, sigma_next)
     return 0.0 * mean.flatten(1).sum(dim=1), mean

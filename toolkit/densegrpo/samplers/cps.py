@@ -18,8 +18,9 @@ from densegrpo.samplers._gaussian import (
 
 def cps_step_std(sigmas: Tensor, noise_level: Tensor) -> Tensor:
     """``(T,)`` transition std ``sigma_{k+1} * sin(a_k * pi / 2)`` of every CPS step."""
-    sigmas = sigmas.to(torch.float32)
-    return cps_std(sigmas[1:], noise_level.to(device=sigmas.device, dtype=torch.float32))
+    grid = sigmas.to(torch.float32).tolist()
+    levels = noise_level.to(torch.float32).tolist()
+    return torch.tensor([cps_std(grid[k + 1], a) for k, a in enumerate(levels)], dtype=torch.float32)
 
 
 class CPSSampler:

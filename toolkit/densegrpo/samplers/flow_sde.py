@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
@@ -23,14 +25,16 @@ def flow_sde_step_std(sigmas: Tensor, noise_level: Tensor, deterministic_last_st
     ``std_t = a_k sqrt(sigma_k / (1 - sigma_k))``, with the largest grid sigma below 1 in
     the denominator at ``sigma_k == 1`` (Flow-GRPO, ``sde_step_with_logprob``).
     """
-    sigmas = sigmas.to(torch.float32)
-    noise_level = noise_level.to(device=sigmas.device, dtype=torch.float32)
-    sigma, sigma_next = sigmas[:-1], sigmas[1:]
-    std = flow_sde_std(sigma, noise_level, sigma_cap(sigmas)) * torch.sqrt(sigma - sigma_next)
+    grid = sigmas.to(torch.float32).tolist()
+    levels = noise_level.to(torch.float32).tolist()
+    cap = sigma_cap(grid)
+    std = [
+        flow_sde_std(grid[k], levels[k], cap) * math.sqrt(grid[k] - grid[k + 1])
+        for k in range(len(levels))
+    ]
     if deterministic_last_step:
-        std = std.clone()
         std[-1] = 0.0
-    return std
+    return torch.tensor(std, dtype=torch.float32)
 
 
 class FlowSDESampler:

@@ -103,10 +103,8 @@ class SDEWindowSampler:
         check_grid(sigmas, noise_level)
         start, stop = self.window(sigmas.numel() - 1)
         self.calls += 1
-        inside = torch.zeros_like(noise_level, dtype=torch.bool)
-        inside[start:stop] = True
-        level = torch.where(inside, noise_level.to(torch.float32), torch.zeros((), dtype=torch.float32,
-                                                                               device=noise_level.device))
+        level = torch.zeros(noise_level.shape, dtype=torch.float32)
+        level[start:stop] = noise_level[start:stop].to("cpu", torch.float32)
         if self.config.sde == "cps":
             step_std = cps_step_std(sigmas, level)
         else:
