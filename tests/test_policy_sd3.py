@@ -234,3 +234,24 @@ def test_folder_without_t5_loads(tmp_path):
     cond = policy.encode(PROMPTS)
     assert cond.prompt_embeds.shape == (2, 77 + 8, 64)
     assert torch.count_nonzero(cond.prompt_embeds[:, 77:]) == 0  # T5 tokens are zeros without T5
+
+
+@pytest.mark.parametrize("method", ["flow-grpo", "densegrpo"])
+@pytest.mark.parametrize("task", ["pickscore", "geneval", "ocr"])
+def test_sd35m_recipes_validate(method, task):
+    from pathlib import Path
+
+    from densegrpo.config import resolve
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "recipes" / f"{method}-sd35m-{task}.yaml"
+    config = resolve(path)
+    assert config.policy.name == "sd3"
+    SD3Policy.Config.model_validate(config.policy.config)  # the policy options are valid too
+    policy = config.policy.config
+    assert policy["guidance_scale"] == 4.5 and policy["lora"]["rank"] == 32 and policy["lora"]["alpha"] == 64
+    train = config.train
+    assert (train.group_size, train.learning_rate, train.weight_decay) == (24, 3e-4, 1e-4)
+    assert (train.clip_range, train.advantage_clip, train.timestep_fraction) == (1e-4, 5.0, 0.99)
+    assert train.beta == (0.01 if task == "pickscore" else 0.04)
+    assert (config.sampling.num_steps, config.sampling.eval_steps) == (10, 40)
+    assert config.advantage.name == ("dense" if method == "densegrpo" else "sparse")
