@@ -30,7 +30,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -159,44 +158,16 @@ def train(args: argparse.Namespace) -> None:
 
 
 def score_checkpoints(root: Path, num_steps: int, per_prompt: int, threads: int) -> None:
-    """toy-GenEval (partial) of every checkpoint under ``root`` on the test prompts, 40 ODE steps."""
+    """toy-GenEval of every checkpoint under ``root`` on the test prompts (``densegrpo eval``'s code)."""
+    from densegrpo.evaluate import evaluate_policy
     from densegrpo.policies.toy import ToyPolicy
-    from densegrpo.toy.prompts import load_prompts
 
     torch.set_num_threads(threads)
-    metadata = load_prompts("toy-test")
     for folder in sorted(p for p in root.iterdir() if (p / "transformer").is_dir()):
         policy = ToyPolicy(ToyPolicy.Config(model=str(folder), lora={"enabled": False}))
-        result = evaluate_policy(policy, metadata, num_steps=num_steps, per_prompt=per_prompt)
-        print(json.dumps({"checkpoint": folder.name, **result}), flush=True)
-
-
-def evaluate_policy(policy, metadata: list[dict], num_steps: int = 40, per_prompt: int = 4, seed: int = 0,
-                    guidance_scale: float | None = None, mode: str = "partial") -> dict:
-    """Mean toy-GenEval score over ``metadata`` x ``per_prompt`` ODE samples, overall and per tag."""
-    from densegrpo import registry
-    from densegrpo.sigmas import make_sigmas
-
-    reward = registry.load("rewards", "toy-geneval", {"mode": mode})
-    sigmas = make_sigmas(num_steps, 3.0)
-    rows = [m for m in metadata for _ in range(per_prompt)]
-    generator = torch.Generator().manual_seed(seed)
-    scores = []
-    with torch.no_grad():
-        for start in range(0, len(rows), 64):
-            chunk = rows[start:start + 64]
-            cond = policy.encode([m["prompt"] for m in chunk])
-            x = torch.randn((len(chunk), *policy.latent_shape), generator=generator)
-            for k in range(num_steps):
-                sigma = sigmas[k].expand(len(chunk))
-                x = x + policy.velocity(x, sigma, cond) * (sigmas[k + 1] - sigmas[k])
-            images = policy.decode(x)
-            scores.append(reward(images, [m["prompt"] for m in chunk], chunk))
-    score = torch.cat(scores)
-    tags: dict[str, list[float]] = {}
-    for m, value in zip(rows, score.tolist()):
-        tags.setdefault(m.get("tag", "?"), []).append(value)
-    return {"overall": float(np.nanmean(score.numpy())), "per_tag": {t: float(np.nanmean(v)) for t, v in sorted(tags.items())}}
+        report = evaluate_policy(policy, "toy-geneval", steps=num_steps, per_prompt=per_prompt)
+        partial = {tag: round(values["partial"], 3) for tag, values in report["per_tag"].items()}
+        print(json.dumps({"checkpoint": folder.name, "overall": report["overall"], "partial_per_tag": partial}), flush=True)
 
 
 def ship(folder: Path) -> None:
