@@ -351,11 +351,13 @@ def partial_score(
       matched and every found object stands in the relation to every target, else 0;
     * exclude (when ``exclude_clauses``): 1 if fewer than ``count`` of the class are found.
 
-    Differences from the reward server, both deliberate: it does not clip the count
-    credit (three circles for "a circle" scores -1 there), and a failed position check
-    appends both 0 and 1 there (a bug: the ``1.0`` after its loop runs unconditionally);
-    here a position clause is exactly 0 or 1. ``clip_count=False, exclude_clauses=False``
-    otherwise reproduces it.
+    Differences from the reward server, all deliberate: it does not clip the count credit
+    (three circles for "a circle" scores -1 there); a failed position check appends both 0
+    and 1 there (a bug: the ``1.0`` after its loop runs unconditionally), here a position
+    clause is exactly 0 or 1; and for a clause asking for both colour and position (no
+    GenEval prompt does) it adds a single 0 for a wrong count and skips the position after
+    a wrong colour, while here each requested clause always counts once. On GenEval-style
+    prompts, ``clip_count=False, exclude_clauses=False`` otherwise reproduces it.
     """
     _check_metadata(metadata)
     objects = _grouped(metadata, detections, threshold, counting_threshold, max_objects, nms_threshold)
