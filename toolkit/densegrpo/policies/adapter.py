@@ -144,7 +144,8 @@ def hub_load(loader: Callable[..., Any], what: str, model: str, *, subfolder: st
             if local_files_only
             else "check the hub id, your access token and the network, or point `model` at a local folder"
         )
-        raise UserError(f"cannot load the {what} from '{where}' ({type(error).__name__}); {hint}") from error
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise UserError(f"cannot load the {what} from '{where}' ({type(error).__name__}: {reason}); {hint}") from error
     finally:
         if local_files_only:
             if previous is None:

@@ -149,6 +149,11 @@ class FluxPolicy(FlowTransformerPolicy):
             config = cls.Config(**base)
         return cls(config, components=components)
 
+    @classmethod
+    def contract_instance(cls) -> "FluxPolicy":
+        """The tiny instance the registry-wide contract tests build (no weights offline)."""
+        return cls.tiny_random(seed=0)
+
 
 def load_flux_components(config: FluxPolicy.Config, dtype: torch.dtype) -> dict[str, Any]:
     """Load the FLUX components of ``config.model``."""

@@ -146,6 +146,11 @@ class SD3Policy(FlowTransformerPolicy):
             config = cls.Config(**base)
         return cls(config, components=components)
 
+    @classmethod
+    def contract_instance(cls) -> "SD3Policy":
+        """The tiny instance the registry-wide contract tests build (no weights offline)."""
+        return cls.tiny_random(seed=0)
+
 
 def load_sd3_components(config: SD3Policy.Config, dtype: torch.dtype) -> dict[str, Any]:
     """Load the SD3 components of ``config.model`` (T5 only when present and wanted)."""

@@ -134,6 +134,9 @@ class ToyPolicy(FlowTransformerPolicy):
             "pretrained", description="'pretrained': the shipped weights (or `model`); 'random': fresh init (tests)."
         )
         seed: int = Field(0, description="Seed of the random init when weights is 'random'.")
+        model: str | None = Field(
+            None, description="Local folder with transformer/ and text_encoder/ (as written by scripts/pretrain_toy_policy.py); None: the shipped weights."
+        )
         guidance_scale: float = Field(
             1.0, ge=0, description="CFG scale; the toy model was trained with 10% empty prompts so CFG works, but 1 (off) halves the cost."
         )
@@ -144,8 +147,6 @@ class ToyPolicy(FlowTransformerPolicy):
 
     def __init__(self, config: Config | None = None):
         config = config if config is not None else self.Config()
-        if config.dtype != "float32" and config.device == "cpu":
-            pass  # allowed, just slow; kept for parity with GPU policies
         transformer, text_encoder = build_toy_modules(config.weights, config.model, config.seed)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
         text_encoder = text_encoder.to(config.device, dtype)
