@@ -27,15 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from densegrpo.geneval_rules import (
-    _clause_credits,
-    compute_iou,
-    confidence_threshold,
-    filter_detections,
-    geneval_correct,
-    partial_score,
-    strict_correct,
-)
+from densegrpo.geneval_rules import clause_credits, geneval_correct, partial_score, strict_correct
 from densegrpo.toy.detector import ToyDetector
 from densegrpo.toy.prompts import load_prompts
 from densegrpo.toy.scenes import render_scenes, sample_scenes
@@ -49,15 +41,6 @@ def tag_balanced(prompts, count, rng):
     return [by_tag[tags[t]][rng.integers(len(by_tag[tags[t]]))] for t in rng.integers(len(tags), size=count)]
 
 
-def clause_names(metadata):
-    names = []
-    for req in metadata["include"]:
-        names.append("count")
-        names += [key for key in ("color", "position") if key in req]
-    names += ["exclude"] * len(metadata.get("exclude", []) or [])
-    return names
-
-
 def evaluate(images, metadatas, scenes, detector):
     detections = detector.detect(images)
     size = images.shape[-1]
@@ -65,9 +48,7 @@ def evaluate(images, metadatas, scenes, detector):
     correct, strict, partial = [], [], []
     shape_ok, color_ok, ious, missed, spurious = [], [], [], 0, 0
     for metadata, scene, dets in zip(metadatas, scenes, detections):
-        grouped = filter_detections(dets, confidence_threshold(metadata))
-        credits, _ = _clause_credits(metadata, grouped, 0.1, True, True)
-        for name, credit in zip(clause_names(metadata), credits):
+        for name, credit in clause_credits(metadata, dets):
             clause_hits.setdefault(name, []).append(credit == 1.0)
         correct.append(geneval_correct(metadata, dets))
         strict.append(strict_correct(metadata, dets))

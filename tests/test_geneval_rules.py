@@ -13,6 +13,7 @@ import pytest
 
 from densegrpo.geneval_rules import (
     Detection,
+    clause_credits,
     compute_iou,
     filter_detections,
     geneval_correct,
@@ -140,6 +141,7 @@ def test_counting_uses_the_09_threshold_and_exclude():
     assert scores(meta, two[:1]) == (0.75, False, False)
     # without exclude clauses the partial score is the count credit alone (Flow-GRPO)
     assert partial_score(meta, three, exclude_clauses=False) == 0.5
+    assert clause_credits(meta, three) == [("count", 0.5), ("exclude", 0.0)]
 
 
 def test_colors():
@@ -166,6 +168,7 @@ def test_color_attr():
     # one of two colours right
     half = [det("circle", color="red"), det("square", at(20, 0), color="red")]
     assert scores(meta, half) == (0.75, False, False)
+    assert clause_credits(meta, half) == [("count", 1.0), ("color", 1.0), ("count", 1.0), ("color", 0.0)]
 
 
 @pytest.mark.parametrize(

@@ -365,6 +365,32 @@ def partial_score(
     return float(sum(credits) / len(credits)) if credits else 0.0
 
 
+def clause_credits(
+    metadata: Mapping[str, Any],
+    detections: Iterable[Detection] | Mapping[str, list[Detection]],
+    *,
+    threshold: float = THRESHOLD,
+    counting_threshold: float = COUNTING_THRESHOLD,
+    max_objects: int = MAX_OBJECTS,
+    nms_threshold: float = NMS_THRESHOLD,
+    position_threshold: float = POSITION_THRESHOLD,
+    clip_count: bool = True,
+) -> list[tuple[str, float]]:
+    """The partial credits :func:`partial_score` averages, named by clause kind.
+
+    Returns ``(kind, credit)`` pairs in metadata order: per include clause ``"count"``,
+    then ``"color"`` and ``"position"`` when requested; then one ``"exclude"`` per exclude clause.
+    """
+    _check_metadata(metadata)
+    objects = _grouped(metadata, detections, threshold, counting_threshold, max_objects, nms_threshold)
+    credits = _clause_credits(metadata, objects, position_threshold, clip_count, True)[0]
+    kinds = []
+    for req in metadata["include"]:
+        kinds += ["count"] + [key for key in ("color", "position") if key in req]
+    kinds += ["exclude"] * len(metadata.get("exclude", []) or [])
+    return list(zip(kinds, credits))
+
+
 def geneval_scores(
     metadata: Mapping[str, Any],
     detections: Iterable[Detection] | Mapping[str, list[Detection]],
@@ -393,6 +419,7 @@ __all__ = [
     "TAGS",
     "THRESHOLD",
     "Detection",
+    "clause_credits",
     "compute_iou",
     "confidence_threshold",
     "filter_detections",
