@@ -30,11 +30,11 @@ centres nearly coincide.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
 THRESHOLD = 0.3
 """Confidence a detection must exceed (GenEval ``--options threshold``, default 0.3)."""
@@ -100,14 +100,22 @@ def relative_position(
     ``dx < -0.5`` is "left of", ``dx > 0.5`` "right of", ``dy < -0.5`` "above",
     ``dy > 0.5`` "below" (``y`` grows downwards). Two relations can hold at once.
     """
-    boxes = np.asarray([box_a[:4], box_b[:4]], dtype=np.float64).reshape(2, 2, 2)
-    center_a, center_b = boxes.mean(axis=-2)
-    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
-    offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - position_threshold * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
+    # Scalar transcription of GenEval's numpy code (it is called in tight sampling loops).
+    ax0, ay0, ax1, ay1 = (float(v) for v in box_a[:4])
+    bx0, by0, bx1, by1 = (float(v) for v in box_b[:4])
+    offset_x = (ax0 + ax1) / 2 - (bx0 + bx1) / 2
+    offset_y = (ay0 + ay1) / 2 - (by0 + by1) / 2
+
+    def shrink(offset: float, dim_a: float, dim_b: float) -> float:
+        sign = (offset > 0) - (offset < 0)
+        return max(abs(offset) - position_threshold * (dim_a + dim_b), 0.0) * sign
+
+    revised_x = shrink(offset_x, abs(ax1 - ax0), abs(bx1 - bx0))
+    revised_y = shrink(offset_y, abs(ay1 - ay0), abs(by1 - by0))
+    if abs(revised_x) < 1e-3 and abs(revised_y) < 1e-3:
         return set()
-    dx, dy = revised / np.linalg.norm(offset)
+    norm = math.hypot(offset_x, offset_y)
+    dx, dy = revised_x / norm, revised_y / norm
     relations = set()
     if dx < -0.5:
         relations.add("left of")
