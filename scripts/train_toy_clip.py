@@ -2,11 +2,11 @@
 
 Reproduces the shipped weights in ``toolkit/densegrpo/toy/weights/toy_clip/``::
 
-    python3 scripts/train_toy_clip.py    # 3000 steps of 128 pairs; 348 s on a busy 2-core CPU, 1 thread
+    python3 scripts/train_toy_clip.py    # 3000 steps of 128 pairs; 270 s on a busy 2-core CPU, 1 thread
 
 The shipped weights came from exactly this command (seed 0). Its final lines report
 held-out retrieval (``benchmarks/bench_toy_clip.py`` prints the same and more):
-``toy-test top1 0.877  pairwise 0.995``.
+``toy-test top1 0.897  pairwise 0.996``.
 
 Data: prompts of the ``toy-train`` split only (a tag is drawn uniformly, then a prompt of
 that tag), each rendered as a fresh seeded scene; images are lightly degraded (blur, noise,
