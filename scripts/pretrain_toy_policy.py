@@ -7,11 +7,20 @@ tiny CLIP text encoder, trained jointly from random init. Loss (method.md notati
 
     x_sigma = (1 - sigma) x0 + sigma eps,   target v = eps - x0,   L = |v_theta(x_sigma, sigma, c) - v|^2
 
-with ``sigma = shift(u)``, ``u ~ logit-normal(0, 1)`` (SD3's training density) pushed through
-the same timestep shift (3.0) as the sampling grid, and 10% empty prompts so classifier-free
-guidance works. An EMA of the weights is what gets saved, at several checkpoints, because
-the shipped model must *not* be perfect: its toy-GenEval score should sit in [0.3, 0.7]
-(pick the checkpoint with ``--score``, which needs the toy-geneval reward).
+with ``sigma = shift(u)`` pushed through the same timestep shift (3.0) as the sampling grid;
+``u ~ logit-normal(0, 1)`` (SD3's training density, ``--sigma-sampling logit-normal``) or
+``u ~ uniform`` (``--sigma-sampling uniform``: exactly the density of the shifted sampling grid,
+which trains the low-noise steps that make edges crisp 5x more often). 10% of prompts are
+empty so classifier-free guidance works. An EMA of the weights is what gets saved, at several
+checkpoints, because the shipped model must *not* be perfect: its toy-GenEval score should sit
+in [0.3, 0.7] (pick the checkpoint with ``--score``).
+
+The shipped weights were trained in two stages on a busy 2-core machine (see
+benchmarks/bench_toy_policy.py and docs/policies.md for the record):
+
+    python scripts/pretrain_toy_policy.py --out runs/toy_pretrain --minutes 50 --pool 32 --checkpoint-every 500
+    python scripts/pretrain_toy_policy.py --out runs/toy_pretrain2 --resume runs/toy_pretrain/step_003000 \
+        --sigma-sampling uniform --minutes 30 --pool 32 --checkpoint-every 500 --warmup 100
 
 Usage (2 CPU cores, ~30 minutes):
 
@@ -121,7 +130,10 @@ def train(args: argparse.Namespace) -> None:
             "" if torch.rand((), generator=generator) < args.caption_dropout else prompts[i] for i in index.tolist()
         ]
         eps = torch.randn(x0.shape, generator=generator)
-        u = torch.sigmoid(torch.randn(args.batch, generator=generator))  # logit-normal(0, 1)
+        if args.sigma_sampling == "logit-normal":
+            u = torch.sigmoid(torch.randn(args.batch, generator=generator))  # SD3's logit-normal(0, 1)
+        else:
+            u = torch.rand(args.batch, generator=generator)  # shifted like the grid: same density as sampling
         sigma = shift_sigma(u, args.shift)
         s = sigma.view(-1, 1, 1, 1)
         x_sigma = (1 - s) * x0 + s * eps
@@ -196,6 +208,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--shift", type=float, default=3.0, help="timestep shift, as the sampling grid")
+    parser.add_argument("--sigma-sampling", choices=["logit-normal", "uniform"], default="logit-normal",
+                        help="density of u before the shift: SD3's logit-normal or uniform (the sampling grid's density)")
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--pool", type=int, default=64, help="pre-rendered scenes per training prompt")
     parser.add_argument("--refresh-every", type=int, default=25, help="re-render one pool column every K steps")
