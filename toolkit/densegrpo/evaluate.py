@@ -114,6 +114,8 @@ def format_report(report: dict[str, Any]) -> str:
 def evaluate_from_cli(target: Path | None, benchmark: str, steps: int | None, per_prompt: int, limit: int | None, seed: int, overrides: list[str]) -> dict[str, Any]:
     from densegrpo.runs import config_or_run, load_policy
 
+    if benchmark not in BENCHMARKS:
+        raise UserError(f"unknown benchmark '{benchmark}'; available: {', '.join(sorted(BENCHMARKS))}")
     config, run_dir = config_or_run(target, overrides)
     policy = load_policy(config, run_dir)
     prompts_source = config.prompts.test if config.prompts.test != "toy-test" else None
