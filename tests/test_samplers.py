@@ -310,3 +310,94 @@ def test_bad_grid_and_noise_level_raise() -> None:
 def test_registered_and_loadable(name: str) -> None:
     sampler = registry.load("samplers", name, {})
     assert isinstance(sampler, type(ALL_SAMPLERS[name]()))
+
+
+# -- the analytic policy itself and a real network ----------------------------------------
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 0.7, 0.95])
+def test_gaussian_policy_velocity_is_the_regression_of_eps_minus_x0(sigma: float) -> None:
+    # Monte Carlo: regress u = eps - x0 on x = (1 - sigma) x0 + sigma eps; the optimal
+    # flow-matching velocity E[u | x] is that (linear) regression for Gaussian data.
+    policy = GaussianFlowPolicy(MU, S, (1, 1, 1))
+    generator = torch.Generator().manual_seed(0)
+    x0 = MU + S * torch.randn(400_000, generator=generator, dtype=torch.float64)
+    eps = torch.randn(400_000, generator=generator, dtype=torch.float64)
+    x, u = (1 - sigma) * x0 + sigma * eps, eps - x0
+    slope = float(((x - x.mean()) * (u - u.mean())).mean() / x.var())
+    intercept = float(u.mean() - slope * x.mean())
+    probe = torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1, 1)
+    v = policy.velocity(probe, torch.full((3,), sigma), policy.encode([""] * 3)).flatten().double()
+    assert torch.allclose(v, intercept + slope * probe.flatten().double(), atol=0.01)
+
+
+def test_gaussian_policy_reference_state_and_prompts() -> None:
+    policy = GaussianFlowPolicy(MU, S, (3, 2, 2), prompt_shifts={"up": 1.0})
+    x, sigma = torch.randn(2, 3, 2, 2), torch.full((2,), 0.5)
+    cond = policy.encode(["up", "other"])
+    base = policy.velocity(x, sigma, cond)
+    with torch.no_grad():
+        policy.mu.add_(0.3)
+    moved = policy.velocity(x, sigma, cond)
+    assert not torch.allclose(base, moved)
+    with policy.reference() as reference:
+        assert torch.equal(reference.velocity(x, sigma, cond), base)
+    assert torch.equal(policy.velocity(x, sigma, cond), moved)
+    state = policy.trainable_state_dict()
+    fresh = GaussianFlowPolicy(MU, S, (3, 2, 2), prompt_shifts={"up": 1.0})
+    fresh.load_trainable_state_dict(state)
+    assert torch.equal(fresh.velocity(x, sigma, cond), moved)
+    # the prompt shift moves the data mean: at sigma = 1 the velocity is x - mean(prompt)
+    ones = torch.ones(2)
+    same = x[:1].expand(2, -1, -1, -1)
+    v1 = policy.velocity(same, ones, cond)
+    assert torch.allclose(v1[0] - v1[1], torch.full((3, 2, 2), -1.0), atol=1e-6)
+    images = policy.decode(torch.randn(4, 3, 2, 2) * 10)
+    assert images.shape == (4, 3, 2, 2) and bool(((images >= 0) & (images <= 1)).all())
+
+
+def _tiny_sd3_policy():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=3, out_channels=3, num_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8,
+    )
+
+    class TinySD3:
+        latent_shape = (3, 8, 8)
+        device = torch.device("cpu")
+
+        def encode(self, prompts):
+            from densegrpo.protocols import Cond
+
+            generator = torch.Generator().manual_seed(1)
+            return Cond(prompt_embeds=torch.randn(len(prompts), 4, 16, generator=generator),
+                        pooled_embeds=torch.randn(len(prompts), 16, generator=generator),
+                        prompts=list(prompts))
+
+        def velocity(self, x, sigma, cond):
+            return model(hidden_states=x, encoder_hidden_states=cond.prompt_embeds,
+                         pooled_projections=cond.pooled_embeds, timestep=sigma * 1000,
+                         return_dict=False)[0]
+
+    return TinySD3(), model
+
+
+@pytest.mark.parametrize("name", ["flow-sde", "cps", "sde-window"])
+def test_ratio_is_exactly_one_with_a_diffusers_transformer(name: str) -> None:
+    policy, model = _tiny_sd3_policy()
+    sampler = ALL_SAMPLERS[name]()
+    sigmas = make_sigmas(4)
+    cond = policy.encode(["a", "b", "c"])
+    generator = torch.Generator().manual_seed(0)
+    traj = sampler.rollout(policy, cond, torch.randn(3, 3, 8, 8, generator=generator), sigmas,
+                           torch.full((4,), 0.7), generator=generator)
+    for k in range(4):
+        log_prob, mean = sampler.log_prob(policy, traj, k)
+        assert torch.equal(log_prob, traj.log_probs[:, k]) and torch.equal(mean, traj.means[:, k])
+        if bool(traj.trained_steps[0, k]):
+            model.zero_grad()
+            log_prob.sum().backward()
+            assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
