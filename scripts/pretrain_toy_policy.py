@@ -2,7 +2,7 @@
 
 Data: GenEval-format training prompts (``toy-train``) and scenes rendered for them by
 ``densegrpo.toy.scenes`` (a fresh random layout per sample, from a pre-rendered pool that
-is partly re-rendered as training goes). Model: the toy ``SD3Transformer2DModel`` and its
+is partly re-rendered as training goes). Model: the toy ``UNet2DConditionModel`` and its
 tiny CLIP text encoder, trained jointly from random init. Loss (method.md notation):
 
     x_sigma = (1 - sigma) x0 + sigma eps,   target v = eps - x0,   L = |v_theta(x_sigma, sigma, c) - v|^2
@@ -76,13 +76,13 @@ class ScenePool:
 
 def save_checkpoint(transformer, text_encoder, folder: Path, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+    transformer.save_pretrained(folder / "unet", safe_serialization=True)
     text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     (folder / "train_info.json").write_text(json.dumps(info, indent=2, default=str))
 
 
 def train(args: argparse.Namespace) -> None:
-    from densegrpo.policies.toy import TOY_MAX_TOKENS, build_toy_modules, encode_toy_prompts, pixels_to_latents
+    from densegrpo.policies.toy import TOY_MAX_TOKENS, build_toy_modules, encode_toy_prompts, pixels_to_latents, unet_forward
     from densegrpo.tokenizers import clip_tokenizer
     from densegrpo.toy.prompts import load_prompts
 
@@ -139,10 +139,7 @@ def train(args: argparse.Namespace) -> None:
         x_sigma = (1 - s) * x0 + s * eps
         target = eps - x0
         cond = encode_toy_prompts(tokenizer, text_encoder, batch_prompts)
-        v = transformer(
-            hidden_states=x_sigma, timestep=sigma * 1000.0, encoder_hidden_states=cond.prompt_embeds,
-            pooled_projections=cond.pooled_embeds, return_dict=False,
-        )[0]
+        v = unet_forward(transformer, x_sigma, sigma, cond)
         loss = torch.nn.functional.mse_loss(v.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -175,7 +172,7 @@ def score_checkpoints(root: Path, num_steps: int, per_prompt: int, threads: int)
     from densegrpo.policies.toy import ToyPolicy
 
     torch.set_num_threads(threads)
-    for folder in sorted(p for p in root.iterdir() if (p / "transformer").is_dir()):
+    for folder in sorted(p for p in root.iterdir() if (p / "unet").is_dir()):
         policy = ToyPolicy(ToyPolicy.Config(model=str(folder), lora={"enabled": False}))
         report = evaluate_policy(policy, "toy-geneval", steps=num_steps, per_prompt=per_prompt)
         partial = {tag: round(values["partial"], 3) for tag, values in report["per_tag"].items()}
@@ -187,7 +184,7 @@ def ship(folder: Path) -> None:
     from densegrpo.policies.toy import packaged_weights
 
     target = packaged_weights()
-    for sub in ("transformer", "text_encoder"):
+    for sub in ("unet", "text_encoder"):
         if (target / sub).exists():
             shutil.rmtree(target / sub)
         shutil.copytree(folder / sub, target / sub)

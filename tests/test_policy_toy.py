@@ -1,4 +1,4 @@
-"""The toy policy: shipped weights, same adapter and SD3 call as the sd3 policy, LoRA, reference."""
+"""The toy policy: shipped weights, the same adapter as sd3/flux, LoRA, reference, CFG."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import torch
 
 from densegrpo import registry
 from densegrpo.policies.adapter import FlowTransformerPolicy
-from densegrpo.policies.sd3 import sd3_transformer_forward
-from densegrpo.policies.toy import ToyPolicy, latents_to_pixels, packaged_weights, pixels_to_latents
+from densegrpo.policies.toy import ToyPolicy, latents_to_pixels, packaged_weights, pixels_to_latents, unet_forward
 from densegrpo.protocols import Policy
 from densegrpo.tokenizers import CLIP_VOCAB_SIZE
 
@@ -23,7 +22,8 @@ def random_policy():
 def test_random_toy_is_a_policy_on_the_shared_adapter(random_policy):
     policy = random_policy
     assert isinstance(policy, Policy) and isinstance(policy, FlowTransformerPolicy)
-    assert policy.parts.forward is sd3_transformer_forward  # no toy-only shortcut
+    assert type(policy).velocity is FlowTransformerPolicy.velocity  # no toy-only shortcut
+    assert policy.parts.forward is unet_forward
     assert policy.latent_shape == (3, 32, 32)
     assert len(policy.tokenizer) == CLIP_VOCAB_SIZE
     cond = policy.encode(PROMPTS)
@@ -63,7 +63,7 @@ def test_shipped_weights_are_small_and_load_from_package_data():
     folder = packaged_weights()
     files = [p for p in folder.rglob("*") if p.is_file()]
     names = {p.relative_to(folder).as_posix() for p in files}
-    assert {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+    assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors",
             "text_encoder/config.json", "text_encoder/model.safetensors"} <= names
     assert sum(p.stat().st_size for p in files) <= 20 * 1024 * 1024
 
@@ -101,3 +101,17 @@ def test_cfg_on_the_toy(random_policy):
         v_pos = random_policy.velocity(x, sigma, random_policy.encode(PROMPTS))
         v_neg = random_policy.velocity(x, sigma, random_policy.encode(["", ""]))
     assert torch.allclose(v, v_neg + 3.0 * (v_pos - v_neg), atol=1e-5)
+
+
+def test_lora_file_round_trip(tmp_path):
+    policy = ToyPolicy(ToyPolicy.Config(weights="random", seed=0))
+    with torch.no_grad():
+        for name, param in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    path = policy.save_lora(tmp_path)
+    assert path.name == "pytorch_lora_weights.safetensors"
+    fresh = ToyPolicy(ToyPolicy.Config(weights="random", seed=0))
+    fresh.load_lora(tmp_path)
+    expected = policy.trainable_state_dict()
+    assert all(torch.equal(fresh.trainable_state_dict()[k], v) for k, v in expected.items())

@@ -106,6 +106,8 @@ class FlowModelParts:
         lora_pipeline: the diffusers pipeline class whose ``save_lora_weights`` /
             ``load_lora_weights`` format the adapter writes (e.g. ``StableDiffusion3Pipeline``).
         frozen_modules: text encoders, VAE: moved to the device and dtype, frozen.
+        lora_prefix: the pipeline's name for the denoiser in LoRA files (``transformer`` for
+            SD3/FLUX, ``unet`` for UNet pipelines).
     """
 
     transformer: nn.Module
@@ -115,6 +117,7 @@ class FlowModelParts:
     latent_shape: tuple[int, int, int]
     lora_pipeline: Any
     frozen_modules: tuple[nn.Module, ...] = ()
+    lora_prefix: str = "transformer"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -364,8 +367,9 @@ class FlowTransformerPolicy:
         layers = {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(self.transformer).items()}
         # The adapter metadata carries alpha: without it diffusers would assume alpha = rank.
         metadata = self.transformer.peft_config["default"].to_dict()
+        prefix = self.parts.lora_prefix
         self.parts.lora_pipeline.save_lora_weights(
-            directory, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata, safe_serialization=True
+            directory, **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": metadata}, safe_serialization=True
         )
         return directory / "pytorch_lora_weights.safetensors"
 
@@ -382,7 +386,8 @@ class FlowTransformerPolicy:
         state = self.parts.lora_pipeline.lora_state_dict(str(path))
         if isinstance(state, tuple):
             state = state[0]
-        state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+        prefix = self.parts.lora_prefix + "."
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         state = convert_unet_state_dict_to_peft(state)
         result = set_peft_model_state_dict(self.transformer, state, adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None) or []
