@@ -156,3 +156,14 @@ def test_multi_reward_sum_of_advantages_equals_weighted_per_reward_advantages(tm
     assert not torch.allclose(combined, compute_advantages(estimator, scored.__class__(**{**scored.__dict__, "terminal_per_reward": None}), 4, 100.0), atol=1e-3)
     record = trainer.step(0)
     assert record["reward_mean"] == record["reward_mean"]  # finite
+
+
+def test_sde_window_choice_follows_the_loop_generator_for_exact_resume():
+    from densegrpo import registry
+    from densegrpo.noise import generator_for
+
+    sampler = registry.load("samplers", "sde-window", {"window_size": 2})
+    starts = [sampler.window(10, generator=generator_for(0, 1, it))[0] for it in range(20)]
+    sampler.calls = 123  # the internal counter plays no part when a generator is given
+    assert starts == [sampler.window(10, generator=generator_for(0, 1, it))[0] for it in range(20)]
+    assert len(set(starts)) > 1

@@ -29,11 +29,13 @@ class SDEWindowSampler:
 
     Choosing the window. With ``window_start`` set, the window is fixed. Otherwise each call
     of :meth:`rollout` draws ``start`` uniformly from ``[0, min(max_window_start,
-    T - window_size)]`` with a counter-based generator seeded by ``(seed, calls)``, where
-    ``calls`` counts this sampler's rollouts. One rollout call samples the whole batch, so the
-    window is shared by every prompt group of that iteration. The choice does not touch the
-    noise ``generator``, and restoring ``sampler.calls`` (e.g. to the iteration number when
-    resuming) reproduces the same windows. :meth:`window` tells which window a call will use.
+    T - window_size)]``. When the caller passes a ``generator`` (the GRPO loop passes one seeded
+    by ``(seed, iteration)``), the draw is seeded by ``generator.initial_seed()`` (without
+    consuming it), so a resumed run and every rank of a multi-process run pick the same window.
+    Without one, a counter-based generator seeded by ``(seed, calls)`` is used, where ``calls``
+    counts this sampler's rollouts. One rollout call samples the whole batch, so the window is
+    shared by every prompt group of that iteration. :meth:`window` tells which window a call
+    will use.
 
     Inside the window the step is ``sde`` (``flow-sde`` or ``cps``) with the given noise
     level; outside, ``noise_level`` is recorded as 0.
@@ -64,9 +66,9 @@ class SDEWindowSampler:
         self.config = config if config is not None else self.Config()
         self.calls = 0
 
-    def window(self, num_steps: int, call: int | None = None) -> tuple[int, int]:
+    def window(self, num_steps: int, call: int | None = None, generator: torch.Generator | None = None) -> tuple[int, int]:
         """``(start, stop)`` step indices of the window of rollout number ``call``
-        (default: the next one) on a ``T = num_steps`` grid."""
+        (default: the next one), or of the rollout seeded by ``generator``, on a ``T = num_steps`` grid."""
         size = self.config.window_size
         if size > num_steps:
             raise ValueError(
@@ -83,8 +85,11 @@ class SDEWindowSampler:
         else:
             if self.config.max_window_start is not None:
                 last = min(last, self.config.max_window_start)
-            call = self.calls if call is None else call
-            start = random.Random(self.config.seed * 1_000_003 + call).randint(0, last)
+            if generator is not None and call is None:
+                start = random.Random(self.config.seed * 1_000_003 + generator.initial_seed()).randint(0, last)
+            else:
+                call = self.calls if call is None else call
+                start = random.Random(self.config.seed * 1_000_003 + call).randint(0, last)
         return start, start + size
 
     def rollout(
@@ -101,7 +106,7 @@ class SDEWindowSampler:
         """Sample from ``noise (N,C,h,w)`` along ``sigmas (T+1,)``; ``noise_level (T,)`` is
         used inside this call's window only."""
         check_grid(sigmas, noise_level)
-        start, stop = self.window(sigmas.numel() - 1)
+        start, stop = self.window(sigmas.numel() - 1, generator=generator)
         self.calls += 1
         level = torch.zeros(noise_level.shape, dtype=torch.float32)
         level[start:stop] = noise_level[start:stop].to("cpu", torch.float32)
