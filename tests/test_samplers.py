@@ -276,15 +276,18 @@ def test_sde_window_draw_is_seeded_per_call() -> None:
     config = SDEWindowSampler.Config(window_size=3, seed=7)
     first, second = SDEWindowSampler(config), SDEWindowSampler(config)
     starts = []
-    for _ in range(12):
-        _, _, traj_a = small_rollout("sde-window", sampler=first)
-        _, _, traj_b = small_rollout("sde-window", sampler=second)
+    for call in range(12):
+        # a generator seeded per call (as the GRPO loop does per iteration) picks the window
+        _, _, traj_a = small_rollout("sde-window", sampler=first, seed=call)
+        _, _, traj_b = small_rollout("sde-window", sampler=second, seed=call)
         assert torch.equal(traj_a.trained_steps, traj_b.trained_steps)
         row = traj_a.trained_steps[0].nonzero().flatten().tolist()
         assert len(row) == 3 and row == list(range(row[0], row[0] + 3))
         starts.append(row[0])
     assert len(set(starts)) > 1 and max(starts) <= 7
-    assert first.window(10, call=5) == (starts[5], starts[5] + 3)  # restorable by call index
+    counter = SDEWindowSampler(config)  # without a generator, a per-call counter picks it
+    drawn = [counter.window(10, call=c) for c in range(12)]
+    assert len(set(drawn)) > 1 and counter.window(10, call=5) == drawn[5]  # restorable by call index
     limited = SDEWindowSampler(SDEWindowSampler.Config(window_size=2, max_window_start=1))
     assert all(limited.window(10, call=c)[0] <= 1 for c in range(20))
 
