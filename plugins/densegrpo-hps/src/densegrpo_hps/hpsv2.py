@@ -24,6 +24,8 @@ class HPSv2Reward:
     Build it offline from an in-memory model with ``HPSv2Reward.from_modules(model, config)``.
     """
 
+    version = "v2.0"
+
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         checkpoint: str = Field(
@@ -48,7 +50,7 @@ class HPSv2Reward:
 
     def __init__(self, config: Config | None = None, *, model: Any = None, tokenizer: Any = None) -> None:
         self.config = config if config is not None else self.Config()
-        self.scorer: HPSScorer = build_scorer(self.config, what="HPS v2.0", model=model, tokenizer=tokenizer)
+        self.scorer: HPSScorer = build_scorer(self.config, what=f"HPS {self.version}", model=model, tokenizer=tokenizer)
 
     @classmethod
     def from_modules(cls, model: Any, config: Config | None = None, tokenizer: Any = None) -> "HPSv2Reward":
@@ -58,15 +60,15 @@ class HPSv2Reward:
     @classmethod
     def contract_instance(cls) -> "HPSv2Reward":
         """A tiny random-weight instance for the core contract tests (offline, CPU)."""
-        from densegrpo_hps.testing import tiny_hpsv2
+        from densegrpo_hps.testing import tiny_hps
 
-        return tiny_hpsv2()
+        return tiny_hps(cls)
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         """Like ``__call__`` but keeps gradients: ``(N,3,H,W)``, ``N`` prompts -> ``(N,)``."""
         return self.scorer.score(images, prompts)
 
     def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any] | None]) -> Tensor:
-        """``images (N,3,H,W)`` float32 in [0,1] -> ``(N,)`` float32 HPS v2.0 scores."""
+        """``images (N,3,H,W)`` float32 in [0,1] -> ``(N,)`` float32 HPS scores."""
         with torch.no_grad():
             return self.scorer.score(images, prompts)

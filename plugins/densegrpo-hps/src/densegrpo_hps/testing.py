@@ -20,17 +20,21 @@ def tiny_hps_model(seed: int = 0) -> Any:
     return create_model(TINY_ARCHITECTURE).eval()
 
 
+def tiny_hps(reward_class: Any, seed: int = 0, **config: Any) -> Any:
+    """An HPS reward of ``reward_class`` on a tiny random model (CPU)."""
+    cfg = reward_class.Config(architecture=TINY_ARCHITECTURE, device="cpu", **config)
+    return reward_class.from_modules(tiny_hps_model(seed), cfg)
+
+
 def tiny_hpsv2(**config: Any) -> Any:
     """An :class:`~densegrpo_hps.hpsv2.HPSv2Reward` on a tiny random model (CPU)."""
     from densegrpo_hps.hpsv2 import HPSv2Reward
 
-    cfg = HPSv2Reward.Config(architecture=TINY_ARCHITECTURE, device="cpu", **config)
-    return HPSv2Reward.from_modules(tiny_hps_model(0), cfg)
+    return tiny_hps(HPSv2Reward, 0, **config)
 
 
 def tiny_hpsv21(**config: Any) -> Any:
     """An :class:`~densegrpo_hps.hpsv21.HPSv21Reward` on a tiny random model (CPU)."""
     from densegrpo_hps.hpsv21 import HPSv21Reward
 
-    cfg = HPSv21Reward.Config(architecture=TINY_ARCHITECTURE, device="cpu", **config)
-    return HPSv21Reward.from_modules(tiny_hps_model(1), cfg)
+    return tiny_hps(HPSv21Reward, 1, **config)
