@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from densegrpo.errors import UserError
-from densegrpo_aesthetic._common import WeightsNotFoundError
+from densegrpo.hub import WeightsNotFoundError
 from densegrpo_aesthetic.aesthetic import AestheticMLP, AestheticReward
 from densegrpo_aesthetic.testing import tiny_clip_vision, tiny_mlp
 

@@ -191,7 +191,7 @@ def test_registered_and_lazy():
 
 
 def test_unreachable_hub_fails_fast_with_one_line(monkeypatch):
-    import densegrpo_pickscore._clip as clip_module
+    import densegrpo.hub as hub_module
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -199,7 +199,7 @@ def test_unreachable_hub_fails_fast_with_one_line(monkeypatch):
     def unreachable(repo_id):
         raise ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(clip_module, "probe_hub", unreachable)
+    monkeypatch.setattr(hub_module, "probe_hub", unreachable)
     with pytest.raises(WeightsNotFoundError) as info:
         PickScoreReward(PickScoreReward.Config(processor="densegrpo-test/no-such-processor"))
     message = str(info.value)

@@ -8,16 +8,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from densegrpo_aesthetic._common import (
-    Dtype,
-    Preprocess,
-    check_inputs,
-    load_hub_file,
-    load_pretrained,
-    load_state_dict,
-    resolve_device,
-    resolve_dtype,
-)
+from densegrpo.hub import Dtype, hub_file, load_pretrained, load_state_dict, resolve_device, resolve_dtype
+from densegrpo.rewards.clip_preprocess import Preprocess, check_inputs
 
 
 class AestheticMLP(nn.Module):
@@ -105,7 +97,7 @@ class AestheticReward:
                     offline=cfg.offline,
                 )
         if mlp is None:
-            path = load_hub_file(cfg.head, cfg.head_filename, what="aesthetic MLP", field="head", offline=cfg.offline)
+            path = hub_file(cfg.head, cfg.head_filename, what="aesthetic MLP", field="head", offline=cfg.offline)
             mlp = AestheticMLP()
             mlp.load_state_dict(load_state_dict(path))
         device = resolve_device(cfg.device)
