@@ -9,27 +9,30 @@ output_dict=True)``, the HPS checkpoint's ``state_dict`` loaded on top, the vali
 
 from __future__ import annotations
 
-import os
-import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from densegrpo.errors import UserError
+from densegrpo.hub import (
+    CheckpointLoadError,
+    Dtype,
+    WeightsNotFoundError,
+    hub_file,
+    load_state_dict,
+    one_line,
+    resolve_device,
+    resolve_dtype,
+)
+from densegrpo.rewards.clip_preprocess import check_inputs
 
-Dtype = Literal["float32", "float16", "bfloat16"]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_TRUE = {"1", "true", "yes", "on"}
+__all__ = ["CheckpointLoadError", "Dtype", "HPSScorer", "WeightsNotFoundError", "build_scorer", "create_model"]
+
 HUB_REPO = "xswu/HPSv2"
 TINY_ARCHITECTURE = "densegrpo-tiny-hps"
-
-
-class WeightsNotFoundError(UserError, OSError):
-    """HPS weights that are neither a local file nor reachable on the hub."""
 
 
 class MissingHPSv2Error(UserError, ImportError):
@@ -48,84 +51,6 @@ def import_open_clip() -> Any:
             "and `pip install clint`"
         ) from error
     return open_clip
-
-
-class CheckpointLoadError(UserError):
-    """An HPS checkpoint that ``torch.load(weights_only=True)`` refuses."""
-
-
-def hub_offline(flag: bool) -> bool:
-    env = (os.environ.get(name, "").strip().lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return flag or any(value in _TRUE for value in env)
-
-
-def one_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-
-
-def probe_hub(repo_id: str) -> None:
-    """Fail within seconds when the hub is unreachable (download retries can take a minute)."""
-    from huggingface_hub import HfApi
-
-    HfApi().model_info(repo_id, timeout=10)
-
-
-def checkpoint_path(source: str, filename: str, *, what: str, offline: bool) -> str:
-    """A local file, ``filename`` in a local folder, or ``filename`` of a hub repo (cache first)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return str(path)
-    if path.is_dir():
-        if (path / filename).is_file():
-            return str(path / filename)
-        raise WeightsNotFoundError(
-            f"{what} checkpoint '{filename}' is not in folder '{source}'; set the reward's `checkpoint` to the file itself"
-        )
-    if not _REPO_ID.match(source):
-        raise WeightsNotFoundError(
-            f"{what} checkpoint '{source}' does not exist; set the reward's `checkpoint` to a local .pt file or a hub repo id"
-        )
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(source, filename, local_files_only=True)
-    except OSError as error:
-        if hub_offline(offline):
-            raise WeightsNotFoundError(
-                f"{what} weights '{source}/{filename}' are not in the local Hugging Face cache and the hub is "
-                f"offline; run `hf download {source} {filename}` where there is network, or set the reward's "
-                "`checkpoint` to a local file"
-            ) from error
-    try:
-        probe_hub(source)
-        return hf_hub_download(source, filename)
-    except Exception as error:
-        raise WeightsNotFoundError(
-            f"{what} weights '{source}/{filename}' could not be downloaded ({one_line(error)}); run "
-            f"`hf download {source} {filename}` where there is network, or set the reward's `checkpoint` to a local file"
-        ) from error
-
-
-def load_state_dict(path: str, *, allow_pickle: bool) -> dict[str, Tensor]:
-    """safetensors, or ``torch.load(weights_only=True)``; full unpickling only when allowed."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state: Any = load_file(path)
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            if not allow_pickle:
-                raise CheckpointLoadError(
-                    f"torch.load(weights_only=True) refused '{path}' ({one_line(error)}); if you trust this file, "
-                    "set the reward's `allow_pickle: true`, or convert it to .safetensors"
-                ) from error
-            state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    # checkpoints saved from DistributedDataParallel prefix every key with "module."
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def register_tiny_architecture() -> str:
@@ -211,29 +136,23 @@ class HPSScorer:
         return torch.cat(out).to(device=images.device, dtype=torch.float32)
 
 
-def check_inputs(images: Tensor, prompts: Sequence[str] | None) -> None:
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a float tensor of shape (N, 3, H, W) in [0, 1], got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}; divide uint8 images by 255")
-    if prompts is None or len(prompts) != images.shape[0]:
-        got = "none" if prompts is None else len(prompts)
-        raise ValueError(f"got {images.shape[0]} images but {got} prompts; pass one prompt per image")
-
-
 def build_scorer(config: Any, *, what: str, model: Any = None, tokenizer: Any = None) -> HPSScorer:
     """Build (or take) the model and tokenizer named by an HPS reward ``config``."""
     open_clip = import_open_clip()
     if model is None:
-        path = checkpoint_path(config.checkpoint, config.checkpoint_filename, what=what, offline=config.offline)
-        state = load_state_dict(path, allow_pickle=config.allow_pickle)
+        path = hub_file(
+            config.checkpoint, config.checkpoint_filename, what=what, field="checkpoint", offline=config.offline,
+            noun="checkpoint", local_file="a local .pt file",
+        )
+        state = load_state_dict(
+            path, allow_pickle=config.allow_pickle,
+            fix="if you trust this file, set the reward's `allow_pickle: true`, or convert it to .safetensors",
+        )
         model = create_model(config.architecture)
         model.load_state_dict(state, strict=True)
     if tokenizer is None:
         if config.architecture == TINY_ARCHITECTURE:
             register_tiny_architecture()
         tokenizer = open_clip.get_tokenizer(config.architecture)
-    device = torch.device(config.device) if config.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device=device, dtype=_DTYPES[config.dtype])
+    model = model.to(device=resolve_device(config.device), dtype=resolve_dtype(config.dtype))
     return HPSScorer(model, tokenizer, config.batch_size)
