@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from densegrpo.hub import cached_file, hub_reachable, is_local
+
 from densegrpo_geneval.classes import COLOR_TEMPLATES, COLORS
 from densegrpo_geneval.errors import MissingWeightsError
-from densegrpo_geneval.hub import cached_file, hub_reachable, is_local
 
 CLIP_HINT = (
     "set clip_pretrained to a local open_clip checkpoint file (e.g. open_clip_model.safetensors of "

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from densegrpo.hub import hub_reachable, is_local
+
 from densegrpo_geneval.classes import class_names_for
 from densegrpo_geneval.errors import MissingWeightsError
-from densegrpo_geneval.hub import hub_reachable, is_local
 
 DETECTOR_HINT = (
     "set detector_path to a local folder saved with Mask2FormerForUniversalSegmentation.save_pretrained "
