@@ -101,7 +101,9 @@ def test_pickled_code_is_refused_unless_allowed(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(1)}, "fn": print}, path)  # a function needs full unpickling
     with pytest.raises(CheckpointLoadError) as info:
         load_state_dict(path, fix="set `allow_pickle: true`")
-    assert "\n" not in str(info.value) and str(info.value).endswith("set `allow_pickle: true`")
+    message = str(info.value)
+    assert "\n" not in message and "\x1b" not in message and message.endswith("set `allow_pickle: true`")
+    assert "pickled.pt" in message and "GLOBAL print" in message  # names the file and the refused global
     with pytest.raises(KeyError, match="refused"):
         load_state_dict(path, error=KeyError)
     assert load_state_dict(path, allow_pickle=True)["w"].item() == 1.0

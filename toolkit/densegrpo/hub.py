@@ -32,6 +32,8 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TRUE = {"1", "true", "yes", "on"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_UNPICKLER = re.compile(r"WeightsUnpickler error: ([^\n]+)")
 
 
 class WeightsNotFoundError(UserError, OSError):
@@ -82,7 +84,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 def one_line(error: BaseException, limit: int = 300) -> str:
     """``"TypeName: message"`` on one line, cut to ``limit`` characters of message."""
-    text = " ".join(str(error).split())
+    text = " ".join(_ANSI.sub("", str(error)).split())
     return f"{type(error).__name__}: {text[:limit]}"
 
 
@@ -230,7 +232,10 @@ def load_state_dict(
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as refused:
             if not allow_pickle:
-                raise error(f"torch.load(weights_only=True) refused '{path}' ({one_line(refused)}); {fix}") from refused
+                # torch's message is a long how-to; its WeightsUnpickler line names the refused global
+                found = _UNPICKLER.search(str(refused))
+                reason = f"{type(refused).__name__}: {found.group(1).strip()}" if found else one_line(refused)
+                raise error(f"torch.load(weights_only=True) refused '{path}' ({reason}); {fix}") from refused
             state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]

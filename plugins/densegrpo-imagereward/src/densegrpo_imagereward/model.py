@@ -12,9 +12,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from densegrpo.hub import hub_reachable, load_state_dict
 from densegrpo_imagereward.compat import ALIAS, upstream
 from densegrpo_imagereward.errors import MissingWeightsError
-from densegrpo_imagereward.weights import hub_reachable, resolve_file
+from densegrpo_imagereward.weights import resolve_file
 
 HUB_REPO = "THUDM/ImageReward"
 TOKENIZER_REPO = "bert-base-uncased"
@@ -98,18 +99,9 @@ def load_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     THUDM publishes only ``ImageReward.pt``, a pickled plain state dict; ``weights_only=True``
     unpickles tensors and containers only, never arbitrary objects.
     """
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise MissingWeightsError(
-            f"ImageReward checkpoint {path} is not a plain state dict loadable with "
-            f"torch.load(weights_only=True) ({type(error).__name__}); convert it to safetensors"
-        ) from None
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    return load_state_dict(
+        path, fix="ImageReward checkpoints must be plain state dicts; convert it to safetensors", error=MissingWeightsError
+    )
 
 
 def load_pretrained(model_path: str, tokenizer_path: str, create_vit: Any | None = None) -> nn.Module:

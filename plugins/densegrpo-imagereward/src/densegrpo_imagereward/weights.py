@@ -8,32 +8,10 @@ missing file and how to point at it.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
+from densegrpo.hub import hub_reachable, is_local
 from densegrpo_imagereward.errors import MissingWeightsError
-
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set."""
-    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether the hub endpoint accepts a TCP connection within ``timeout_s``."""
-    if hub_offline():
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname or "", port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 def resolve_file(model_path: str, filename: str, what: str, hint: str) -> Path:
@@ -73,6 +51,6 @@ def resolve_file(model_path: str, filename: str, what: str, hint: str) -> Path:
 
 def local_or_cached(model_path: str) -> tuple[str, bool]:
     """``(path_or_id, local_files_only)`` for ``from_pretrained`` calls that must not hang."""
-    if Path(model_path).expanduser().exists():
+    if is_local(model_path):
         return str(Path(model_path).expanduser()), True
     return model_path, not hub_reachable()
