@@ -8,15 +8,18 @@ and divisor. Weight loading is ``densegrpo.hub``'s, the torch preprocessing
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from densegrpo.hub import Dtype, WeightsNotFoundError, load_pretrained, resolve_device, resolve_dtype
 from densegrpo.rewards.clip_preprocess import Preprocess, check_inputs
 
-__all__ = ["CLIPPairScorer", "Dtype", "PreprocessMode", "WeightsNotFoundError", "build_scorer"]
+__all__ = [
+    "CLIPPairReward", "CLIPPairScorer", "CLIPRewardConfig", "Dtype", "PreprocessMode", "WeightsNotFoundError", "build_scorer"
+]
 
 PreprocessMode = Literal["torch", "processor"]
 
@@ -143,3 +146,65 @@ def build_scorer(
         image_processor=processor.image_processor,
         mode=mode,
     )
+
+
+class CLIPRewardConfig(BaseModel):
+    """The settings PickScore and CLIPScore share; each adds its weights and divisor."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., description="CLIPModel weights: hub id or local folder.")
+    processor: str = Field(..., description="CLIPProcessor (tokenizer and image settings): hub id or local folder.")
+    divisor: float = Field(1.0, gt=0, description="The score is divided by this.")
+    device: str | None = Field(None, description="Torch device; null picks cuda when available, else cpu.")
+    dtype: Dtype = Field("float32", description="Model weights dtype; scores are returned as float32.")
+    batch_size: int = Field(32, ge=1, description="Image-prompt pairs per forward pass.")
+    preprocess: PreprocessMode = Field(
+        "torch",
+        description="'torch': resize/crop/normalise the float batch in torch (batched, differentiable); "
+        "'processor': 8-bit images through the CLIPProcessor, exactly as the reference code (no gradients).",
+    )
+    offline: bool = Field(
+        False, description="Never contact the hub (HF_HUB_OFFLINE=1 does the same); weights must be cached or local."
+    )
+
+
+class CLIPPairReward:
+    """A reward that is ``logit_scale.exp() * cos(text, image) / divisor`` of a ``CLIPModel``.
+
+    Subclasses set ``Config`` (a :class:`CLIPRewardConfig` with their defaults) and ``what``
+    (the name in error messages). Call: ``images (N,3,H,W)`` float32 in [0,1], ``N`` prompts
+    -> ``(N,)`` float32.
+    """
+
+    Config: ClassVar[type[CLIPRewardConfig]] = CLIPRewardConfig
+    what: ClassVar[str] = "CLIP"
+
+    def __init__(self, config: CLIPRewardConfig | None = None, *, model: Any = None, processor: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+        self.scorer: CLIPPairScorer = build_scorer(
+            model_source=self.config.model,
+            processor_source=self.config.processor,
+            model=model,
+            processor=processor,
+            what=self.what,
+            device=self.config.device,
+            dtype=self.config.dtype,
+            divisor=self.config.divisor,
+            batch_size=self.config.batch_size,
+            offline=self.config.offline,
+            mode=self.config.preprocess,
+        )
+
+    @classmethod
+    def from_modules(cls, model: Any, processor: Any, config: CLIPRewardConfig | None = None) -> Any:
+        """Wrap an in-memory ``CLIPModel`` and ``CLIPProcessor`` (tests, custom checkpoints)."""
+        return cls(config, model=model, processor=processor)
+
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """Like ``__call__`` but keeps gradients: ``(N,3,H,W)``, ``N`` prompts -> ``(N,)``."""
+        return self.scorer.score(images, prompts)
+
+    def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any] | None]) -> Tensor:
+        """``images (N,3,H,W)`` float32 in [0,1] -> ``(N,)`` float32 scores (no gradients)."""
+        with torch.no_grad():
+            return self.scorer.score(images, prompts)
