@@ -221,9 +221,11 @@ def run_sparse_vs_dense(
     out: Path = Path("bench-sparse-vs-dense"),
     quick: bool = False,
     arms: list[str] | None = None,
+    workers: int = 1,
 ) -> Path:
-    from densegrpo.train import run_training
-
+    if workers < 1:
+        raise UserError("--jobs must be at least 1")
+    threads = max(1, torch.get_num_threads() // workers)
     profile = PROFILES["quick" if quick else "default"]
     iterations = iterations or profile.iterations
     rewards = list(rewards or DEFAULT_REWARDS)
@@ -248,17 +250,26 @@ def run_sparse_vs_dense(
         "costs": {},
     }
     jobs = [(reward, arm, seed) for reward in rewards for arm in arms for seed in range(seeds)]
-    progress = tqdm(jobs, desc="bench", unit="run", dynamic_ncols=True)
-    for reward, arm, seed in progress:
-        progress.set_postfix_str(f"{reward} {arm} seed {seed}")
-        run_dir = out / "runs" / reward / arm / f"seed{seed}"
-        if run_dir.exists():
-            import shutil
+    tasks = [(str(out / "runs" / r / a / f"seed{s}"), arm_config(a, r, s, profile, iterations).model_dump(mode="json"), threads) for r, a, s in jobs]
+    results["jobs"] = workers
+    results["torch_threads_per_run"] = threads
+    progress = tqdm(total=len(jobs), desc="bench", unit="run", dynamic_ncols=True)
+    if workers == 1:
+        outputs = (_run_one(task) for task in tasks)
+    else:
+        import multiprocessing
 
-            shutil.rmtree(run_dir)
-        summary = run_training(arm_config(arm, reward, seed, profile, iterations), run_dir)
-        results["runs"].setdefault(reward, {}).setdefault(arm, []).append(summarise_run(_rows(run_dir), summary))
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        outputs = pool.imap(_run_one, tasks)
+    for (reward, arm, seed), (rows, summary) in zip(jobs, outputs):
+        progress.update(1)
+        progress.set_postfix_str(f"{reward} {arm} seed {seed}")
+        results["runs"].setdefault(reward, {}).setdefault(arm, []).append(summarise_run(rows, summary))
         _write(out / "results.json", results)
+    progress.close()
+    if workers > 1:
+        pool.close()
+        pool.join()
     for reward in rewards:
         results["costs"][reward] = measure_costs(reward, profile.group_size, profile.groups)
     results["summary"] = summarise(results)
@@ -268,6 +279,20 @@ def run_sparse_vs_dense(
     plot_psi(out, rewards)
     (out / "report.md").write_text(render_report(results), encoding="utf-8")
     return out / "report.md"
+
+
+def _run_one(task: tuple[str, dict[str, Any], int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One training run (in this process or a worker): returns its metrics rows and summary."""
+    import shutil
+
+    from densegrpo.train import run_training
+
+    run_dir, data, threads = Path(task[0]), task[1], task[2]
+    torch.set_num_threads(threads)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    summary = run_training(cfg.validate(data), run_dir)
+    return _rows(run_dir), summary
 
 
 def _write(path: Path, data: Any) -> None:

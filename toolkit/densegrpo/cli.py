@@ -195,11 +195,12 @@ def bench_sparse_vs_dense(
     out: Path = typer.Option(Path("bench-sparse-vs-dense"), "--out", help="Output folder."),
     quick: bool = typer.Option(False, "--quick", help="Smoke profile: a few iterations, small batches (<= 5 min)."),
     arms: list[str] = typer.Option([], "--arm", help="Run only these arms (repeatable)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Training runs in parallel processes (torch threads are split between them)."),
 ) -> None:
     """Compare sparse and dense credit assignment; writes report.md, results.json and PNG curves."""
     from densegrpo.bench import run_sparse_vs_dense
 
-    path = run_sparse_vs_dense(seeds=seeds, iterations=iterations, rewards=reward, out=out, quick=quick, arms=arms)
+    path = run_sparse_vs_dense(seeds=seeds, iterations=iterations, rewards=reward, out=out, quick=quick, arms=arms, workers=jobs)
     typer.echo(str(path))
 
 
