@@ -54,8 +54,8 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile(iterations=2, group_size=4, groups=2, calibration_rounds=1, calibration_samples=8, eval_prompts=8),
-    "default": Profile(iterations=24, group_size=8, groups=2, calibration_rounds=4, calibration_samples=16, eval_prompts=32),
+    "quick": Profile(iterations=2, group_size=4, groups=2, calibration_rounds=1, calibration_samples=8, eval_prompts=4, overrides=["sampling.eval_steps=10"]),
+    "default": Profile(iterations=10, group_size=4, groups=2, calibration_rounds=2, calibration_samples=8, eval_prompts=8),
 }
 
 
