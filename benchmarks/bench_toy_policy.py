@@ -70,7 +70,7 @@ def main() -> None:
     print("\n## Pretraining record of the shipped weights (scripts/pretrain_toy_policy.py)")
     print("| optimiser steps | batch | wall-clock min | final loss (EMA of batch losses) | shipped size MB |")
     print("|---:|---:|---:|---:|---:|")
-    print(f"| {info.get('step', '?')} | {info.get('batch', '?')} | {info.get('total_minutes', info.get('minutes', float('nan'))):.1f} "
+    print(f"| {info.get('step', '?')} | {info.get('batch', '?')} | {info.get('minutes', float('nan')):.1f} "
           f"| {info.get('loss_ema', float('nan')):.4f} | {size / 1e6:.1f} |")
 
     if args.skip_scores:
