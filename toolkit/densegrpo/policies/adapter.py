@@ -56,9 +56,10 @@ class LoRAConfig(BaseModel):
     )
     rank: int = Field(32, ge=1, description="LoRA rank r (Flow-GRPO / DenseGRPO on SD3.5-M: 32).")
     alpha: float = Field(64.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (Flow-GRPO: 64).")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(FLOW_GRPO_LORA_TARGETS),
-        description="Module name suffixes that get LoRA (Flow-GRPO: attention to_q/to_k/to_v/to_out.0 and add_q/k/v_proj, to_add_out).",
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module name suffixes that get LoRA; None: the model's defaults (SD3/FLUX: Flow-GRPO's attention "
+        "to_q/to_k/to_v/to_out.0 and add_q/k/v_proj, to_add_out; toy UNet: to_q/to_k/to_v/to_out.0).",
     )
     init: Literal["gaussian", "default"] = Field(
         "gaussian", description="peft init_lora_weights; both start with B = 0 so the adapted model equals the base model (Flow-GRPO: gaussian)."
@@ -108,6 +109,7 @@ class FlowModelParts:
         frozen_modules: text encoders, VAE: moved to the device and dtype, frozen.
         lora_prefix: the pipeline's name for the denoiser in LoRA files (``transformer`` for
             SD3/FLUX, ``unet`` for UNet pipelines).
+        default_lora_targets: LoRA targets when ``lora.target_modules`` is None.
     """
 
     transformer: nn.Module
@@ -118,6 +120,7 @@ class FlowModelParts:
     lora_pipeline: Any
     frozen_modules: tuple[nn.Module, ...] = ()
     lora_prefix: str = "transformer"
+    default_lora_targets: tuple[str, ...] = tuple(FLOW_GRPO_LORA_TARGETS)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -197,7 +200,7 @@ class FlowTransformerPolicy:
         if lora.enabled:
             from peft import LoraConfig
 
-            targets = self._matching_targets(lora.target_modules)
+            targets = self._matching_targets(list(lora.target_modules or parts.default_lora_targets))
             self.transformer.add_adapter(
                 LoraConfig(
                     r=lora.rank,

@@ -169,7 +169,7 @@ class ToyPolicy(FlowTransformerPolicy):
             1.0, ge=0, description="CFG scale; the toy model was trained with 10% empty prompts so CFG works, but 1 (off) halves the cost."
         )
         lora: LoRAConfig = Field(
-            default_factory=lambda: LoRAConfig(rank=8, alpha=16.0, target_modules=list(TOY_LORA_TARGETS)),
+            default_factory=lambda: LoRAConfig(rank=8, alpha=16.0),
             description="LoRA settings; the toy's attention is 32-64 wide so rank 8 (alpha/r = 2 as in the paper), on q/k/v/out.",
         )
 
@@ -191,6 +191,7 @@ class ToyPolicy(FlowTransformerPolicy):
             latent_shape=(3, TOY_RESOLUTION, TOY_RESOLUTION),
             lora_pipeline=StableDiffusionPipeline,
             lora_prefix="unet",
+            default_lora_targets=tuple(TOY_LORA_TARGETS),
             frozen_modules=(text_encoder,),
         )
         super().__init__(parts, config)
