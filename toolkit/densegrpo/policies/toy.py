@@ -10,10 +10,10 @@ cache, CFG, peft LoRA, reference, diffusers LoRA files); like SD3 it takes
 ``timestep = 1000 * sigma``.
 
 Why a UNet and not a tiny ``SD3Transformer2DModel``: the MMDiT (patch 4, 4 blocks, 1.3 M
-parameters) was tried first and, after 5000 steps of the same pretraining (about 30 CPU
-minutes), still drew colour blobs at roughly the right places but no recognisable shapes
-(toy-GenEval 0.06); a convolutional UNet of the same size learns flat shapes far faster on
-32x32 pixels within the CPU budget. The MMDiT path is exercised by ``sd3`` with tiny random
+parameters) was tried first and, after about 5000 steps of the same pretraining (34
+wall-clock minutes on the shared 2-core machine), still drew colour blobs at roughly the right
+places but no recognisable shapes (toy-GenEval partial 0.06); a convolutional UNet of similar
+size reached 0.38 after 1000 steps. The MMDiT path is exercised by ``sd3`` with tiny random
 components in the tests.
 
 The weights under ``densegrpo/toy/weights/toy_policy/`` (``unet/`` and ``text_encoder/``,
