@@ -55,7 +55,10 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(iterations=2, group_size=4, groups=2, calibration_rounds=1, calibration_samples=8, eval_prompts=4, overrides=["sampling.eval_steps=10"]),
-    "default": Profile(iterations=10, group_size=4, groups=2, calibration_rounds=2, calibration_samples=8, eval_prompts=8),
+    "default": Profile(
+        iterations=8, group_size=4, groups=2, calibration_rounds=2, calibration_samples=8, eval_prompts=8,
+        overrides=["train.learning_rate=0.005"],
+    ),
 }
 
 
