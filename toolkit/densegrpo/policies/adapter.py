@@ -188,7 +188,7 @@ class FlowTransformerPolicy:
         self.dtype = resolve_dtype(config.dtype)
         self.latent_shape = tuple(int(s) for s in parts.latent_shape)  # type: ignore[assignment]
         self.parts = parts
-        self.transformer = parts.transformer.to(self.device, self.dtype)
+        self.transformer = _move(parts.transformer, self.device, self.dtype)
         for module in parts.frozen_modules:
             if module is not None:
                 module.to(self.device).requires_grad_(False).eval()
@@ -411,3 +411,9 @@ __all__ = [
     "hub_load",
     "resolve_dtype",
 ]
+
+
+def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``module.to(device, dtype)``, casting only when the dtype changes (diffusers warns on every cast)."""
+    current = next(module.parameters()).dtype
+    return module.to(device) if current == dtype else module.to(device, dtype)
