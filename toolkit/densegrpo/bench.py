@@ -56,8 +56,8 @@ class Profile:
 PROFILES = {
     "quick": Profile(iterations=2, group_size=4, groups=2, calibration_rounds=1, calibration_samples=8, eval_prompts=4, overrides=["sampling.eval_steps=10"]),
     "default": Profile(
-        iterations=8, group_size=4, groups=2, calibration_rounds=2, calibration_samples=8, eval_prompts=8,
-        overrides=["train.learning_rate=0.005"],
+        iterations=6, group_size=4, groups=2, calibration_rounds=2, calibration_samples=8, eval_prompts=4,
+        overrides=["train.learning_rate=0.005", "logging.sample_prompts=0"],
     ),
 }
 
