@@ -196,10 +196,14 @@ def bench_sparse_vs_dense(
     quick: bool = typer.Option(False, "--quick", help="Smoke profile: a few iterations, small batches (<= 5 min)."),
     arms: list[str] = typer.Option([], "--arm", help="Run only these arms (repeatable)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Training runs in parallel processes (torch threads are split between them)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only re-render report.md and the plots from OUT/results.json."),
 ) -> None:
     """Compare sparse and dense credit assignment; writes report.md, results.json and PNG curves."""
-    from densegrpo.bench import run_sparse_vs_dense
+    from densegrpo.bench import rerender, run_sparse_vs_dense
 
+    if report_only:
+        typer.echo(str(rerender(out)))
+        return
     path = run_sparse_vs_dense(seeds=seeds, iterations=iterations, rewards=reward, out=out, quick=quick, arms=arms, workers=jobs)
     typer.echo(str(path))
 
