@@ -189,7 +189,7 @@ def evaluate(
 
 @bench_app.command("sparse-vs-dense")
 def bench_sparse_vs_dense(
-    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per arm."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per arm (default 3; 1 with --quick)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="GRPO iterations per run."),
     reward: list[str] = typer.Option([], "--reward", help="Reward(s) to run on (default: toy-geneval and toy-clip)."),
     out: Path = typer.Option(Path("bench-sparse-vs-dense"), "--out", help="Output folder."),
@@ -204,7 +204,7 @@ def bench_sparse_vs_dense(
     if report_only:
         typer.echo(str(rerender(out)))
         return
-    path = run_sparse_vs_dense(seeds=seeds, iterations=iterations, rewards=reward, out=out, quick=quick, arms=arms, workers=jobs)
+    path = run_sparse_vs_dense(seeds=seeds or (1 if quick else 3), iterations=iterations, rewards=reward, out=out, quick=quick, arms=arms, workers=jobs)
     typer.echo(str(path))
 
 
