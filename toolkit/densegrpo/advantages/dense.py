@@ -28,6 +28,19 @@ COMPLETION_HELP = (
 )
 
 
+class DenseEstimatorConfig(BaseModel):
+    """Options shared by the dense estimators (dense, dense-raw, dense-return)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion: int | str = Field("t", description=COMPLETION_HELP)
+
+    @field_validator("completion", mode="before")
+    @classmethod
+    def _completion(cls, value: object) -> int | str:
+        return canonical_completion(value)
+
+
 class DenseAdvantage:
     """Per-timestep group-normalised reward gains (DenseGRPO).
 
@@ -41,15 +54,8 @@ class DenseAdvantage:
     ``advantage_abs_mean``.
     """
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-        completion: int | str = Field("t", description=COMPLETION_HELP)
-
-        @field_validator("completion", mode="before")
-        @classmethod
-        def _completion(cls, value: object) -> int | str:
-            return canonical_completion(value)
+    class Config(DenseEstimatorConfig):
+        """Options of the dense estimator."""
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()

@@ -11,11 +11,10 @@ sees ``R_0``, the terminal reward, so its column equals the sparse advantage wit
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from densegrpo.advantages._normalize import canonical_completion, check_batch, group_normalize, summarize
-from densegrpo.advantages.dense import COMPLETION_HELP
+from densegrpo.advantages._normalize import check_batch, group_normalize, summarize
+from densegrpo.advantages.dense import DenseEstimatorConfig
 from densegrpo.protocols import DenseRewards, RewardBatch, RewardNeeds
 
 
@@ -30,15 +29,8 @@ class DenseRawAdvantage:
     ``zero_std_ratio`` (share of (group, timestep) cells), ``advantage_abs_mean``.
     """
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-        completion: int | str = Field("t", description=COMPLETION_HELP)
-
-        @field_validator("completion", mode="before")
-        @classmethod
-        def _completion(cls, value: object) -> int | str:
-            return canonical_completion(value)
+    class Config(DenseEstimatorConfig):
+        """Options of the dense-raw estimator."""
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()

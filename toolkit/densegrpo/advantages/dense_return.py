@@ -11,17 +11,16 @@ step-aligned gains ``dR_k`` (step ``k`` is the move ``x_k -> x_{k+1}``):
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from densegrpo.advantages._normalize import (
-    canonical_completion,
     check_batch,
     dense_gains,
     group_normalize,
     summarize,
 )
-from densegrpo.advantages.dense import COMPLETION_HELP
+from densegrpo.advantages.dense import DenseEstimatorConfig
 from densegrpo.protocols import RewardBatch, RewardNeeds
 
 
@@ -48,8 +47,8 @@ class DenseReturnAdvantage:
     ``zero_std_ratio`` (share of (group, timestep) cells), ``advantage_abs_mean``.
     """
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(DenseEstimatorConfig):
+        """Options of the dense-return estimator."""
 
         gamma: float = Field(
             1.0,
@@ -60,12 +59,6 @@ class DenseReturnAdvantage:
             "so acts as a per-state baseline that does not bias the policy gradient. gamma < 1 weights the "
             "step's own gain more (biased towards the immediate effect); 0 is DenseGRPO's gain. Not in the papers.",
         )
-        completion: int | str = Field("t", description=COMPLETION_HELP)
-
-        @field_validator("completion", mode="before")
-        @classmethod
-        def _completion(cls, value: object) -> int | str:
-            return canonical_completion(value)
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()
