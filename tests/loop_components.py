@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from densegrpo.testing import GaussianFlowPolicy

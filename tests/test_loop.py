@@ -167,3 +167,20 @@ def test_sde_window_choice_follows_the_loop_generator_for_exact_resume():
     sampler.calls = 123  # the internal counter plays no part when a generator is given
     assert starts == [sampler.window(10, generator=generator_for(0, 1, it))[0] for it in range(20)]
     assert len(set(starts)) > 1
+
+
+def test_ema_weights_are_used_for_evaluation_and_trained_weights_restored(tmp_path):
+    trainer = Trainer(analytic_config("advantage.name=sparse", "calibrator.name=uniform", "train.ema_decay=0.5"), tmp_path)
+    trainer.step(0)
+    trained = trainer.policy.mu.detach().clone()
+    seen = []
+    original = trainer.policy.load_trainable_state_dict
+
+    def spy(state):
+        seen.append({k: v.clone() for k, v in state.items()})
+        original(state)
+
+    trainer.policy.load_trainable_state_dict = spy
+    trainer.evaluate()
+    assert torch.equal(seen[0]["mu"], trainer.ema["mu"]) and not torch.equal(trainer.ema["mu"], trained)
+    assert torch.equal(trainer.policy.mu.detach(), trained)

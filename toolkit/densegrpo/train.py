@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 from densegrpo import checkpoint as ckpt
 from densegrpo import config as cfg
 from densegrpo import plots
-from densegrpo.build import Components, build, build_rewards
+from densegrpo.build import Components, build
 from densegrpo.dense import DenseRewardEngine
 from densegrpo.distributed import World, init_world, shutdown
 from densegrpo.errors import UserError
-from densegrpo.evaluate import EVAL_STREAM, generate, load_prompt_records
+from densegrpo.evaluate import generate, load_prompt_records
 from densegrpo.grpo import (
     Batch,
     RewardScorer,
@@ -255,18 +255,15 @@ class Trainer:
         with context:
             return generate(self.policy, prompts, self.config.sampling.eval_steps, self.config.sampling.shift, self.config.seed)
 
+    @contextmanager
     def _ema_weights(self):
-        trainer = self
-
-        class Swap:
-            def __enter__(self):
-                self.saved = {k: v.detach().clone() for k, v in trainer.policy.trainable_state_dict().items()}
-                trainer.policy.load_trainable_state_dict(trainer.ema)
-
-            def __exit__(self, *exc):
-                trainer.policy.load_trainable_state_dict(self.saved)
-
-        return Swap()
+        """Evaluate with the EMA weights, then put the trained weights back."""
+        saved = {k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()}
+        self.policy.load_trainable_state_dict(self.ema)
+        try:
+            yield
+        finally:
+            self.policy.load_trainable_state_dict(saved)
 
     def write_samples(self, iteration: int) -> None:
         if not self.world.is_main:

@@ -108,7 +108,7 @@ class ToyDetector:
         return images.clamp(0, 1).permute(0, 2, 3, 1).contiguous().numpy()
 
     def _fit(self, pixels: np.ndarray):
-        n, size = pixels.shape[0], pixels.shape[1]
+        size = pixels.shape[1]
         ring = np.concatenate(
             [pixels[:, 0], pixels[:, -1], pixels[:, 1:-1, 0], pixels[:, 1:-1, -1]], axis=1
         )  # (N, 4S-4, 3)
