@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from densegrpo.testing import GaussianFlowPolicy
 
@@ -21,6 +25,21 @@ class AnalyticPolicy(GaussianFlowPolicy):
     def __init__(self, config: Config | None = None):
         config = config or self.Config()
         super().__init__(mean=config.mean, std=config.std, latent_shape=(3, config.size, config.size), train_std=config.train_std, device=config.device)
+
+    def forward(self, x, sigma, cond):
+        """The bare analytic velocity, the forward a DDP wrapper calls."""
+        return GaussianFlowPolicy.velocity(self, x, sigma, cond)
+
+    def data_parallel(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Forward passes with gradients go through ``wrap(self)`` (DDP); no-grad ones stay local."""
+        # Kept out of nn.Module's registry: the wrapper owns this module, not the other way round.
+        object.__setattr__(self, "_parallel", wrap(self))
+
+    def velocity(self, x, sigma, cond):
+        parallel = self.__dict__.get("_parallel")
+        if parallel is not None and torch.is_grad_enabled():
+            return parallel(x, sigma, cond)
+        return super().velocity(x, sigma, cond)
 
 
 class BrightnessReward:

@@ -83,6 +83,12 @@ class TrainConfig(BaseModel):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of trainable weights for evaluation; 0 disables it.")
+    data_parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several processes: 'ddp' replicates the model and averages gradients (DistributedDataParallel; "
+        "LoRA), 'fsdp' shards weights, gradients and optimizer state (FSDP2; full fine-tuning, policy lora.enabled: false). "
+        "Unused in one process.",
+    )
 
 
 class LoggingConfig(BaseModel):

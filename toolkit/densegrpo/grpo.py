@@ -21,7 +21,7 @@ from torch import Tensor
 from densegrpo.build import WeightedReward
 from densegrpo.config import TrainConfig
 from densegrpo.dense import DenseRewardEngine
-from densegrpo.distributed import World
+from densegrpo.distributed import DataParallel, World
 from densegrpo.protocols import CalibrationStats, DenseRewards, RewardBatch, Trajectory
 
 
@@ -196,13 +196,14 @@ def update_policy(
     traj: Trajectory,
     advantages: Tensor,
     train: TrainConfig,
-    world: World,
+    parallel: DataParallel,
 ) -> dict[str, float]:
     """Step 4: per-step clipped surrogate plus KL to the reference, one optimizer step per minibatch.
 
     ``advantages (n, T)`` are this rank's rows. Gradients are accumulated over the trained
-    steps of a minibatch (loss divided by their count), averaged over ranks, clipped by
-    norm, then AdamW steps.
+    steps of a minibatch (loss divided by their count); ``parallel`` (DDP or FSDP, attached to
+    the policy) averages them over ranks in the last backward of the minibatch only. Then
+    they are clipped by norm and AdamW steps.
     """
     clip_range, beta = train.clip_range, train.beta
     mask = trained_step_mask(traj, train.timestep_fraction)
@@ -219,30 +220,31 @@ def update_policy(
             part_mask = mask[rows]
             steps = [k for k in range(traj.num_steps) if bool(part_mask[:, k].any())]
             for k in steps:
-                use = part_mask[:, k]
-                # log p_theta(x_{t-1} | x_t) and its mean, with gradients
-                log_prob, mean = sampler.log_prob(policy, part, k)
-                nfe_train += len(rows)
-                old_log_prob = part.log_probs[:, k]
-                A = advantages[rows, k].to(log_prob.device)
-                # ratio = exp(log p_theta - log p_old)
-                ratio = torch.exp(log_prob - old_log_prob)
-                # L_clip = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
-                unclipped = -A * ratio
-                clipped = -A * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-                policy_loss = torch.maximum(unclipped, clipped)[use].mean()
-                # L_kl = (mean_theta - mean_ref)^2 / (2 std_t^2), closed-form Gaussian KL to the base model
-                if beta > 0:
-                    with torch.no_grad(), policy.reference():
-                        _, mean_ref = sampler.log_prob(policy, part, k)
+                with parallel.gradient_sync(k == steps[-1]):
+                    use = part_mask[:, k]
+                    # log p_theta(x_{t-1} | x_t) and its mean, with gradients
+                    log_prob, mean = sampler.log_prob(policy, part, k)
                     nfe_train += len(rows)
-                    std = part.step_std[k].clamp_min(1e-12)
-                    kl_per_sample = ((mean - mean_ref) ** 2).flatten(1).mean(dim=1) / (2 * std**2)
-                    kl = kl_per_sample[use].mean()
-                else:
-                    kl = torch.zeros((), device=log_prob.device)
-                loss = policy_loss + beta * kl
-                (loss / len(steps)).backward()
+                    old_log_prob = part.log_probs[:, k]
+                    A = advantages[rows, k].to(log_prob.device)
+                    # ratio = exp(log p_theta - log p_old)
+                    ratio = torch.exp(log_prob - old_log_prob)
+                    # L_clip = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+                    unclipped = -A * ratio
+                    clipped = -A * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+                    policy_loss = torch.maximum(unclipped, clipped)[use].mean()
+                    # L_kl = (mean_theta - mean_ref)^2 / (2 std_t^2), closed-form Gaussian KL to the base model
+                    if beta > 0:
+                        with torch.no_grad(), policy.reference():
+                            _, mean_ref = sampler.log_prob(policy, part, k)
+                        nfe_train += len(rows)
+                        std = part.step_std[k].clamp_min(1e-12)
+                        kl_per_sample = ((mean - mean_ref) ** 2).flatten(1).mean(dim=1) / (2 * std**2)
+                        kl = kl_per_sample[use].mean()
+                    else:
+                        kl = torch.zeros((), device=log_prob.device)
+                    loss = policy_loss + beta * kl
+                    (loss / len(steps)).backward()
                 with torch.no_grad():
                     deviation = (ratio[use] - 1.0).abs()
                     if first_ratio_dev is None:
@@ -253,7 +255,6 @@ def update_policy(
                     totals["clipfrac"] += float((deviation > clip_range).float().mean())
                     totals["ratio_dev_max"] = max(totals["ratio_dev_max"], float(deviation.max()))
                 terms += 1
-            world.average_gradients(parameters)
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip)
             totals["grad_norm"] += float(grad_norm)
             optimizer.step()
@@ -263,7 +264,7 @@ def update_policy(
     stats["ratio_dev_max"] = totals["ratio_dev_max"]
     stats["grad_norm"] = totals["grad_norm"] / max(updates, 1)
     stats["first_step_ratio_dev"] = first_ratio_dev if first_ratio_dev is not None else math.nan
-    stats["nfe_train"] = float(world.sum(nfe_train))
+    stats["nfe_train"] = float(parallel.world.sum(nfe_train))
     stats["trained_steps"] = float(sum(1 for k in range(traj.num_steps) if bool(mask[:, k].any())))
     return stats
 

@@ -215,7 +215,21 @@ class CalibrationStats:
 
 @runtime_checkable
 class Policy(Protocol):
-    """A flow-matching generator ``v_theta(x, sigma, c)`` with a decoder and LoRA."""
+    """A flow-matching generator ``v_theta(x, sigma, c)`` with a decoder and LoRA.
+
+    Optional, for training on several processes (torchrun / accelerate launch)::
+
+        def data_parallel(self, wrap: Callable[[nn.Module], nn.Module]) -> None
+
+    The policy calls ``wrap(module)`` once with an ``nn.Module`` that owns the trainable weights
+    and whose ``forward(x, sigma, cond)`` returns the velocity, and afterwards runs its forward
+    passes with gradients through the returned module (DDP), or every forward pass that uses
+    those weights (FSDP shards them; see :class:`densegrpo.distributed.DataParallel`). Its
+    ``trainable_state_dict`` / ``load_trainable_state_dict`` then see sharded ``DTensor``
+    parameters under FSDP: use :func:`densegrpo.distributed.full_tensor` and
+    :func:`~densegrpo.distributed.copy_into`. A policy without the method trains in one
+    process only; a multi-process run stops with an error that says so.
+    """
 
     latent_shape: tuple[int, int, int]
     """``(C, h, w)`` of one latent."""

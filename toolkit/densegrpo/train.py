@@ -21,7 +21,7 @@ from densegrpo import config as cfg
 from densegrpo import plots
 from densegrpo.build import Components, build
 from densegrpo.dense import DenseRewardEngine
-from densegrpo.distributed import World, init_world, shutdown
+from densegrpo.distributed import DataParallel, World, init_world, shutdown
 from densegrpo.errors import UserError
 from densegrpo.evaluate import generate, load_prompt_records
 from densegrpo.grpo import (
@@ -72,6 +72,9 @@ class Trainer:
             raise UserError(f"no training prompts in '{config.prompts.train}'; point prompts.train at a non-empty file")
         self.sigmas = make_sigmas(config.sampling.num_steps, config.sampling.shift)
         t = config.train
+        # DDP/FSDP before the optimizer: FSDP replaces the parameters by sharded ones.
+        self.parallel = DataParallel(self.world, t.data_parallel)
+        self.parallel.attach(self.policy)
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(), lr=t.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay
         )
@@ -173,7 +176,7 @@ class Trainer:
         )
         local_advantages = advantages[self.world.shard(batch.global_size)]
         # 4. clipped surrogate + KL, optimizer step(s)
-        update = update_policy(self.policy, self.parts.sampler, self.optimizer, scored.traj, local_advantages, t, self.world)
+        update = update_policy(self.policy, self.parts.sampler, self.optimizer, scored.traj, local_advantages, t, self.parallel)
         if self.ema is not None:
             self._update_ema()
         if online and scored.dense is not None:
@@ -214,6 +217,11 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint; with sharded weights (FSDP) every rank first helps gather them."""
+        if not (self.world.is_main or self.parallel.sharded):
+            return
+        trainable = self.policy.trainable_state_dict()
+        optimizer = self.parallel.optimizer_state_dict(self.optimizer)
         if not self.world.is_main:
             return
         state = {
@@ -226,13 +234,13 @@ class Trainer:
         ckpt.save(
             self.run_dir,
             self.iteration,
-            ckpt.Checkpoint(self.policy.trainable_state_dict(), self.optimizer.state_dict(), state, self.ema),
+            ckpt.Checkpoint(trainable, optimizer, state, self.ema),
         )
 
     def restore(self, folder: Path) -> None:
         saved = ckpt.load(folder, map_location=self.policy.device)
         self.policy.load_trainable_state_dict(saved.trainable)
-        self.optimizer.load_state_dict(saved.optimizer)
+        self.parallel.load_optimizer_state_dict(self.optimizer, saved.optimizer)
         if saved.ema is not None and self.ema is not None:
             self.ema = {k: v.clone() for k, v in saved.ema.items()}
         self.iteration = int(saved.state["iteration"])
@@ -241,6 +249,11 @@ class Trainer:
             self.parts.calibrator.load_state_dict(saved.state["calibrator"])
 
     # ---- evaluation and pictures --------------------------------------------------------
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank generates evaluation images: rank 0, or every rank when weights are sharded."""
+        return self.world.is_main or self.parallel.sharded
+
     def evaluate(self) -> float | None:
         count = self.config.logging.eval_prompts
         if count == 0:
@@ -266,14 +279,13 @@ class Trainer:
             self.policy.load_trainable_state_dict(saved)
 
     def write_samples(self, iteration: int) -> None:
-        if not self.world.is_main:
-            return
         count = self.config.logging.sample_prompts
-        if count == 0:
+        if count == 0 or not self.evaluates:
             return
         prompts = [r["prompt"] for r in self.test_records[:count]]
         images = self._eval_images(prompts)
-        save_png(make_grid(images, prompts), self.run_dir / "samples" / f"iter-{iteration:06d}.png")
+        if self.world.is_main:
+            save_png(make_grid(images, prompts), self.run_dir / "samples" / f"iter-{iteration:06d}.png")
 
 
 def _with_dense(scored, dense):
@@ -358,9 +370,9 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
         trainer.totals["wall_s"] += time.perf_counter() - calibration_started
         if world.is_main and history:
             plots.plot_calibration(history, run_dir / "calibration.png", uniform=_uniform_level(trainer.parts.calibrator))
-    if trainer.iteration == 0 and world.is_main:
+    if trainer.iteration == 0:
         trainer.write_samples(0)
-    eval_base = trainer.evaluate() if world.is_main and trainer.iteration == 0 else None
+    eval_base = trainer.evaluate() if trainer.evaluates and trainer.iteration == 0 else None
     progress = tqdm(
         total=config.iterations,
         initial=trainer.iteration,
@@ -383,7 +395,7 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
             record["eval_reward_base"] = eval_base
         last = trainer.iteration == config.iterations
         sample_every = config.logging.sample_every
-        if world.is_main and (last or (sample_every and trainer.iteration % sample_every == 0)):
+        if trainer.evaluates and (last or (sample_every and trainer.iteration % sample_every == 0)):
             evaluated = trainer.evaluate()
             if evaluated is not None:
                 record["eval_reward"] = evaluated

@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from densegrpo.distributed import copy_into, full_tensor
 from densegrpo.errors import UserError
 from densegrpo.protocols import Cond
 
@@ -194,6 +195,7 @@ class FlowTransformerPolicy:
                 module.to(self.device).requires_grad_(False).eval()
         self.transformer.requires_grad_(False)
         self._reference_transformer: nn.Module | None = None
+        self._parallel: nn.Module | None = None  # DDP/FSDP wrapper of _TransformerCall, see data_parallel()
         self._in_reference = False
         self._cache: dict[str, Cond] = {}
         lora = config.lora
@@ -278,7 +280,6 @@ class FlowTransformerPolicy:
             sigma = sigma.expand(n)
         if len(cond) != n:
             raise ValueError(f"cond holds {len(cond)} prompts but x holds {n} samples; use cond.select/repeat to match")
-        transformer = self._reference_transformer if (self._in_reference and self._reference_transformer is not None) else self.transformer
         training_call = torch.is_grad_enabled() or self._in_reference
         use_cfg = (
             self.guidance_on
@@ -288,8 +289,7 @@ class FlowTransformerPolicy:
         x_model = x.to(self.device, self.dtype)
         sigma = sigma.to(self.device)
         if not use_cfg:
-            out = self.parts.forward(transformer, x_model, sigma, self._positive(cond))
-            return out.float()
+            return self._forward(x_model, sigma, self._positive(cond)).float()
         both = Cond(
             prompt_embeds=torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),  # type: ignore[list-item]
             pooled_embeds=None
@@ -298,9 +298,27 @@ class FlowTransformerPolicy:
             prompts=[],
             extra={k: torch.cat([cond.extra["negative_" + k], v]) for k, v in cond.extra.items() if not k.startswith("negative_")},
         )
-        out = self.parts.forward(transformer, torch.cat([x_model, x_model]), torch.cat([sigma, sigma]), both).float()
+        out = self._forward(torch.cat([x_model, x_model]), torch.cat([sigma, sigma]), both).float()
         v_negative, v_positive = out.chunk(2)
         return v_negative + self.config.guidance_scale * (v_positive - v_negative)
+
+    def _forward(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """One transformer call: the frozen copy in :meth:`reference` (full fine-tuning), else the
+        data-parallel wrapper once :meth:`data_parallel` ran, else the bare transformer."""
+        if self._in_reference and self._reference_transformer is not None:
+            return self.parts.forward(self._reference_transformer, x, sigma, cond)
+        if self._parallel is not None:
+            return self._parallel(x, sigma, cond)
+        return self.parts.forward(self.transformer, x, sigma, cond)
+
+    def data_parallel(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Run every transformer call through ``wrap(module)`` (DDP or FSDP, see :class:`densegrpo.distributed.DataParallel`).
+
+        ``module`` owns the transformer and its ``forward(x, sigma, cond)`` is ``parts.forward``, so
+        model-specific forwards (which read ``transformer.config``) keep the bare model. The frozen
+        reference copy of full fine-tuning is not wrapped: every rank keeps it whole.
+        """
+        self._parallel = wrap(_TransformerCall(self.transformer, self.parts.forward))
 
     @staticmethod
     def _positive(cond: Cond) -> Cond:
@@ -325,7 +343,7 @@ class FlowTransformerPolicy:
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Trainable weights by their module name (detached CPU copies)."""
-        return {n: p.detach().cpu().clone() for n, p in self.transformer.named_parameters() if p.requires_grad}
+        return {n: full_tensor(p.detach()).cpu().clone() for n, p in self.transformer.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore weights saved by :meth:`trainable_state_dict`; unknown or missing names raise."""
@@ -337,9 +355,8 @@ class FlowTransformerPolicy:
                 f"checkpoint does not match this policy's trainable weights (unknown: {unknown[:3]}, "
                 f"missing: {missing[:3]}); load it into a policy built with the same lora settings"
             )
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        for name, value in state.items():
+            copy_into(params[name], value)
 
     @contextmanager
     def reference(self) -> Iterator["FlowTransformerPolicy"]:
@@ -399,6 +416,18 @@ class FlowTransformerPolicy:
                 f"LoRA file '{path}' has weights this policy lacks (e.g. {unexpected[0]}); "
                 "build the policy with the same lora.rank and lora.target_modules"
             )
+
+
+class _TransformerCall(nn.Module):
+    """``forward(x, sigma, cond) = call(transformer, x, sigma, cond)``: the module DDP/FSDP wrap."""
+
+    def __init__(self, transformer: nn.Module, call: Callable[[nn.Module, Tensor, Tensor, Cond], Tensor]):
+        super().__init__()
+        self.transformer = transformer
+        self.call = call
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        return self.call(self.transformer, x, sigma, cond)
 
 
 __all__ = [
