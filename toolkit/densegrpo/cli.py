@@ -5,7 +5,7 @@ traceback. ``densegrpo COMMAND --help`` documents every command.
 
 Multi-process runs use the standard launchers, with no code change:
 ``torchrun --nproc_per_node=K -m densegrpo train CONFIG`` or
-``accelerate launch -m densegrpo train CONFIG``.
+``accelerate launch --multi_gpu --num_processes K -m densegrpo train CONFIG``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,22 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<timestamp>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its latest checkpoint."),
 ) -> None:
-    """Train with GRPO; writes metrics.jsonl, checkpoints, sample grids and a reward curve."""
+    """Train with GRPO; writes metrics.jsonl, checkpoints, sample grids and a reward curve.
+
+    One process needs no launcher. For K processes (GPUs: NCCL, CPU: gloo) start the same command
+    with a launcher; the global batch (group_size x groups_per_iteration) must divide by K:
+
+    \b
+      torchrun --nproc_per_node=K -m densegrpo train CONFIG --out DIR
+      accelerate launch --multi_gpu --num_processes K -m densegrpo train CONFIG --out DIR
+      # N nodes, run on each:
+      torchrun --nnodes=N --nproc_per_node=K --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        -m densegrpo train CONFIG --out DIR
+
+    accelerate's --multi_gpu is its torchrun launcher and also starts CPU processes (its --cpu
+    with K > 1 goes through mpirun instead). --set train.data_parallel=fsdp shards weights for
+    full fine-tuning (default ddp). See docs/distributed.md.
+    """
     from densegrpo.train import train_from_cli
 
     summary = train_from_cli(config, overrides, out, resume)
