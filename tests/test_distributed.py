@@ -231,7 +231,9 @@ def _parameter_order() -> list[str]:
 
 @pytest.mark.slow
 def test_killing_one_rank_fails_clearly_and_keeps_a_resumable_checkpoint(tmp_path):
-    items = [*PER_RANK, "iterations=400"]
+    # minibatch_size counts samples of the global batch: 8 / 4 = 2 optimizer steps per iteration
+    # on any number of processes (each rank steps on 2 of its 4 rows).
+    items = [*PER_RANK, "train.minibatch_size=4", "iterations=400"]
     out = tmp_path / "run"
     command = [*_launcher(2), *_sets(items), "--out", str(out)]
     job = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -252,4 +254,5 @@ def test_killing_one_rank_fails_clearly_and_keeps_a_resumable_checkpoint(tmp_pat
     saved = load_file(out / "checkpoints" / latest / "trainable.safetensors")
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
     completed = int(latest.split("-")[1])
+    assert all(float(m["step"]) == 2 * completed for m in _moments(out, completed))
     _resume(out, [f"iterations={completed + 1}"], 1)

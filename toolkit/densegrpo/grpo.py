@@ -22,6 +22,7 @@ from densegrpo.build import WeightedReward
 from densegrpo.config import TrainConfig
 from densegrpo.dense import DenseRewardEngine
 from densegrpo.distributed import DataParallel, World
+from densegrpo.errors import UserError
 from densegrpo.protocols import CalibrationStats, DenseRewards, RewardBatch, Trajectory
 
 
@@ -189,6 +190,18 @@ def trained_step_mask(traj: Trajectory, timestep_fraction: float) -> Tensor:
     return mask
 
 
+def local_minibatch(minibatch_size: int, local_samples: int, world_size: int) -> int:
+    """Rows of this rank per optimizer step for a global ``minibatch_size`` (0: the whole batch)."""
+    if minibatch_size == 0:
+        return local_samples
+    if minibatch_size % world_size:
+        raise UserError(
+            f"train.minibatch_size={minibatch_size} does not split evenly over {world_size} processes; "
+            "choose a multiple of the number of processes"
+        )
+    return minibatch_size // world_size
+
+
 def update_policy(
     policy: Any,
     sampler: Any,
@@ -200,7 +213,9 @@ def update_policy(
 ) -> dict[str, float]:
     """Step 4: per-step clipped surrogate plus KL to the reference, one optimizer step per minibatch.
 
-    ``advantages (n, T)`` are this rank's rows. Gradients are accumulated over the trained
+    ``advantages (n, T)`` are this rank's rows. ``train.minibatch_size`` counts samples of the
+    global batch, so each rank takes ``minibatch_size / W`` of its rows per optimizer step and
+    the number of steps does not depend on ``W``. Gradients are accumulated over the trained
     steps of a minibatch (loss divided by their count); ``parallel`` (DDP or FSDP, attached to
     the policy) averages them over ranks in the last backward of the minibatch only. Then
     they are clipped by norm and AdamW steps.
@@ -209,7 +224,7 @@ def update_policy(
     mask = trained_step_mask(traj, train.timestep_fraction)
     parameters = policy.trainable_parameters()
     n = traj.num_samples
-    minibatch = train.minibatch_size or n
+    minibatch = local_minibatch(train.minibatch_size, n, parallel.world.world_size)
     totals = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_dev_max": 0.0, "grad_norm": 0.0}
     terms, updates, nfe_train = 0, 0, 0
     first_ratio_dev = None

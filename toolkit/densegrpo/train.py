@@ -30,6 +30,7 @@ from densegrpo.grpo import (
     calibration_stats,
     compute_advantages,
     dense_gain_stats,
+    local_minibatch,
     rollout_and_score,
     update_policy,
 )
@@ -84,6 +85,7 @@ class Trainer:
         self.iteration = 0
         self.totals = {"wall_s": 0.0, "elapsed_s": 0.0, "nfe_rollout": 0, "nfe_dense": 0, "nfe_train": 0, "nfe_calibration": 0}
         self.global_batch = t.group_size * t.groups_per_iteration
+        local_minibatch(t.minibatch_size, self.global_batch, self.world.world_size)  # fail before the first rollout
         self.per_reward = config.reward_combine == "sum-advantages" and len(config.rewards) > 1
 
     # ---- batches ---------------------------------------------------------------------
