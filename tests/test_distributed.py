@@ -37,14 +37,18 @@ ANALYTIC = ["policy.name=loop_components:AnalyticPolicy", "rewards.0.name=loop_c
 SPANNING = [*COMMON, *ANALYTIC, "advantage.name=sparse", "train.group_size=8", "train.groups_per_iteration=1"]
 # ... or two groups of 4, one per rank, with dense advantages.
 PER_RANK = [*COMMON, *ANALYTIC, "advantage.name=dense", "train.group_size=4", "train.groups_per_iteration=2"]
-# Full fine-tuning of the toy UNet (random init, 1.7 M weights), sharded with FSDP2 on 2 processes.
-TOY_FULL = [
+# The toy policy, 4 steps, no evaluation or sample grids, a checkpoint every iteration.
+TOY = [
     "sampling.num_steps=4",
     "logging.progress=false",
     "logging.sample_prompts=0",
     "logging.eval_prompts=0",
     "checkpoint_every=1",
     "policy.name=toy",
+]
+# Full fine-tuning of the toy UNet (random init, 1.7 M weights), sharded with FSDP2 on 2 processes.
+TOY_FULL = [
+    *TOY,
     "policy.config.weights=random",
     "policy.config.lora.enabled=false",
     "rewards.0.name=loop_components:BrightnessReward",
@@ -154,12 +158,7 @@ def test_two_processes_match_one_process_with_dense_advantages(tmp_path):
 # a batch of 8 and two of 4, and AdamW turns that into weight gaps of about 4e-7 here (measured),
 # while a missing gradient all-reduce or per-rank group statistics move weights by about lr.
 TOY_LORA = [
-    "sampling.num_steps=4",
-    "logging.progress=false",
-    "logging.sample_prompts=0",
-    "logging.eval_prompts=0",
-    "checkpoint_every=1",
-    "policy.name=toy",
+    *TOY,
     "rewards.0.name=toy-clip",
     "calibrator.name=uniform",
     "train.learning_rate=0.0005",
