@@ -14,6 +14,7 @@ Backends: NCCL on GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from contextlib import contextmanager, nullcontext
@@ -98,7 +99,15 @@ def init_world(timeout_s: float = 600.0) -> World:
 
 
 def shutdown(world: World) -> None:
+    """Destroy the process group, after freeing what still holds it.
+
+    DDP/FSDP wrappers keep a reference to the process group; if one outlives
+    ``destroy_process_group`` (a reference cycle not yet collected), gloo's worker threads are
+    torn down at interpreter exit instead, which can abort the process
+    ("terminate called without an active exception").
+    """
     if world.active:
+        gc.collect()
         torch_dist.destroy_process_group()
 
 

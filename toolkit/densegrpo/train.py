@@ -337,7 +337,9 @@ def run_training(config: cfg.RunConfig, run_dir: Path, resume: bool = False, com
     """Train ``config`` into ``run_dir``; with ``resume``, continue from its latest checkpoint."""
     world = init_world()
     try:
-        return _run(config, Path(run_dir), resume, world, components)
+        summary = _run(config, Path(run_dir), resume, world, components)
+        world.barrier()  # every rank is done before the process group goes away
+        return summary
     finally:
         shutdown(world)
 
