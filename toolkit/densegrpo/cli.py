@@ -11,6 +11,7 @@ Multi-process runs use the standard launchers, with no code change:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -130,7 +131,8 @@ def train(
     from densegrpo.train import train_from_cli
 
     summary = train_from_cli(config, overrides, out, resume)
-    typer.echo(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, rank 0 alone reports
+        typer.echo(json.dumps(summary))
 
 
 @app.command()
