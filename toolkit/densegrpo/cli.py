@@ -11,7 +11,6 @@ Multi-process runs use the standard launchers, with no code change:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -128,10 +127,11 @@ def train(
     with K > 1 goes through mpirun instead). --set train.data_parallel=fsdp shards weights for
     full fine-tuning (default ddp). See docs/distributed.md.
     """
+    from densegrpo.distributed import launcher_rank
     from densegrpo.train import train_from_cli
 
     summary = train_from_cli(config, overrides, out, resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, rank 0 alone reports
+    if launcher_rank() == 0:  # under a launcher, rank 0 alone reports
         typer.echo(json.dumps(summary))
 
 

@@ -83,12 +83,17 @@ class World:
         return torch.device("cpu")
 
 
+def launcher_rank() -> int:
+    """This process's global rank as set by torchrun / accelerate launch (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_world(timeout_s: float = 600.0) -> World:
     """Join the process group if a launcher started us (``WORLD_SIZE > 1``)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return World()
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launcher_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not torch_dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
