@@ -218,9 +218,16 @@ class Trainer:
                 self.ema[name].mul_(decay).add_(value.detach(), alpha=1 - decay)
 
     # ---- checkpoints ------------------------------------------------------------------
+    @property
+    def shares_rank0_work(self) -> bool:
+        """Whether this rank takes part in rank 0's work (checkpoints, evaluation, sample grids):
+        rank 0 itself, or every rank when weights are sharded (FSDP), where gathering the weights
+        and every forward pass are collective."""
+        return self.world.is_main or self.parallel.sharded
+
     def save_checkpoint(self) -> None:
         """Rank 0 writes the checkpoint; with sharded weights (FSDP) every rank first helps gather them."""
-        if not (self.world.is_main or self.parallel.sharded):
+        if not self.shares_rank0_work:
             return
         trainable = self.policy.trainable_state_dict()
         optimizer = self.parallel.optimizer_state_dict(self.optimizer)
@@ -251,10 +258,6 @@ class Trainer:
             self.parts.calibrator.load_state_dict(saved.state["calibrator"])
 
     # ---- evaluation and pictures --------------------------------------------------------
-    @property
-    def evaluates(self) -> bool:
-        """Whether this rank generates evaluation images: rank 0, or every rank when weights are sharded."""
-        return self.world.is_main or self.parallel.sharded
 
     def evaluate(self) -> float | None:
         count = self.config.logging.eval_prompts
@@ -282,7 +285,7 @@ class Trainer:
 
     def write_samples(self, iteration: int) -> None:
         count = self.config.logging.sample_prompts
-        if count == 0 or not self.evaluates:
+        if count == 0 or not self.shares_rank0_work:
             return
         prompts = [r["prompt"] for r in self.test_records[:count]]
         images = self._eval_images(prompts)
@@ -376,7 +379,7 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
             plots.plot_calibration(history, run_dir / "calibration.png", uniform=_uniform_level(trainer.parts.calibrator))
     if trainer.iteration == 0:
         trainer.write_samples(0)
-    eval_base = trainer.evaluate() if trainer.evaluates and trainer.iteration == 0 else None
+    eval_base = trainer.evaluate() if trainer.shares_rank0_work and trainer.iteration == 0 else None
     progress = tqdm(
         total=config.iterations,
         initial=trainer.iteration,
@@ -399,7 +402,7 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
             record["eval_reward_base"] = eval_base
         last = trainer.iteration == config.iterations
         sample_every = config.logging.sample_every
-        if trainer.evaluates and (last or (sample_every and trainer.iteration % sample_every == 0)):
+        if trainer.shares_rank0_work and (last or (sample_every and trainer.iteration % sample_every == 0)):
             evaluated = trainer.evaluate()
             if evaluated is not None:
                 record["eval_reward"] = evaluated
