@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from densegrpo.advantages.dense import DenseAdvantage
 from densegrpo.testing import GaussianFlowPolicy
 
 
@@ -54,3 +56,19 @@ class BrightnessReward:
 
     def __call__(self, images, prompts, metadata):
         return -(images.float().mean(dim=(1, 2, 3)) - self.config.target).abs()
+
+
+class DenseEveryState:
+    """DenseGRPO's estimator, but asking for every state: the reference for the skipping test."""
+
+    Config = DenseAdvantage.Config
+
+    def __init__(self, config=None):
+        self.inner = DenseAdvantage(config)
+        self.needs = replace(self.inner.needs, step_local=False)
+        self.last_stats = {}
+
+    def __call__(self, rewards):
+        advantages = self.inner(rewards)
+        self.last_stats = self.inner.last_stats
+        return advantages

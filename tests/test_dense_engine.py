@@ -198,3 +198,35 @@ def test_several_rewards_per_image_keep_their_column() -> None:
     assert both.shape == (N, T + 1, 2)
     assert torch.equal(both[..., 0], DenseRewardEngine("t")(policy, traj, brightness).rewards)
     assert torch.equal(both[..., 1], torch.arange(N, dtype=torch.float32).view(-1, 1).expand(N, T + 1))
+
+
+@pytest.mark.parametrize("mode", ["batched", "naive"])
+@pytest.mark.parametrize("completion", ["t", 2])
+def test_chosen_states_match_the_full_engine_and_cost_only_their_completions(mode: str, completion) -> None:
+    # The loop asks for x_0 .. x_2 only when the first two steps are trained.
+    policy = CountingPolicy(make_policy())
+    traj = rollout(policy)
+    full = DenseRewardEngine(completion, mode)(policy, traj, brightness)
+    policy.reset()
+    states = [0, 1, 2]
+    part = DenseRewardEngine(completion, mode)(policy, traj, brightness, states)
+    by_step_full, by_step_part = full.by_step_index(), part.by_step_index()
+    scored = states + [T]  # the final sample is always scored: it is the terminal reward
+    assert torch.equal(by_step_part[:, scored], by_step_full[:, scored])
+    skipped = [k for k in range(T + 1) if k not in scored]
+    assert torch.isnan(by_step_part[:, skipped]).all()
+    # hand count: completing x_k takes n(T - k) Euler steps, the first one reused in batched mode
+    reuse = 1 if mode == "batched" else 0
+    expected = N * sum(completion_steps(T - k, completion) - reuse for k in states)
+    assert part.nfe == policy.rows == expected == required_nfe(T, N, completion, mode, states)
+    assert part.reward_calls == N * len(scored)
+    # gains of the chosen steps are exact; the others are NaN
+    assert torch.equal(part.gains()[:, :2], full.gains()[:, :2])
+    assert torch.isnan(part.gains()[:, 2:]).all()
+
+
+def test_states_out_of_range_are_refused() -> None:
+    policy = make_policy()
+    traj = rollout(policy)
+    with pytest.raises(ValueError, match="step indices"):
+        DenseRewardEngine("t")(policy, traj, brightness, [0, T + 1])

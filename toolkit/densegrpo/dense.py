@@ -28,6 +28,12 @@ Modes (both give the same rewards, to float rounding):
   ``N`` samples with ``n`` fresh velocity evaluations at batch ``N`` (``N * T (T + 1) / 2``
   for ``n = t``).
 
+States (``states``): by default every state ``x_0 .. x_T`` is completed and scored. Given
+a set of step indices, only those states (and always the final sample ``x_T``, the
+terminal reward) are; the others get reward NaN ("not computed") and cost nothing. The loop
+uses this when only the first steps are trained: the gain of step ``k`` reads only the
+states ``x_k`` and ``x_{k+1}``, so the completions of later states would be wasted.
+
 The reused velocities must come from the same weights as the engine's ``policy`` (compute
 dense rewards right after the rollout, before any update).
 """
@@ -36,7 +42,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Literal
+from typing import Callable, Collection, Literal
 
 import torch
 from torch import Tensor
@@ -97,15 +103,25 @@ def completion_grid(start: int, num_steps: int, completion: Completion) -> list[
 
 
 def required_nfe(num_steps: int, num_samples: int, completion: Completion = "t",
-                 mode: Literal["batched", "naive"] = "batched") -> int:
+                 mode: Literal["batched", "naive"] = "batched", states: Collection[int] | None = None) -> int:
     """Velocity evaluations the engine spends on completions (the rollout's ``N * T`` not
-    included). ``n = t``: ``N T (T - 1) / 2`` batched, ``N T (T + 1) / 2`` naive."""
+    included). ``n = t``, every state: ``N T (T - 1) / 2`` batched, ``N T (T + 1) / 2`` naive."""
     _check_mode(mode)
     reuse = 1 if mode == "batched" else 0
     per_sample = sum(
-        max(completion_steps(num_steps - k, completion) - reuse, 0) for k in range(num_steps)
+        max(completion_steps(num_steps - k, completion) - reuse, 0) for k in completed_states(num_steps, states)
     )
     return num_samples * per_sample
+
+
+def completed_states(num_steps: int, states: Collection[int] | None) -> list[int]:
+    """Sorted step indices ``k < T`` whose states are completed (``None``: all of them)."""
+    if states is None:
+        return list(range(num_steps))
+    chosen = sorted({int(k) for k in states})
+    if chosen and (chosen[0] < 0 or chosen[-1] > num_steps):
+        raise ValueError(f"states must be step indices in [0, {num_steps}], got {chosen}.")
+    return [k for k in chosen if k < num_steps]
 
 
 def _check_mode(mode: str) -> None:
@@ -133,14 +149,17 @@ class DenseRewardEngine:
         self.max_batch_size = int(max_batch_size)
 
     # -- completions -------------------------------------------------------------------
-    def clean_estimates(self, policy: Policy, traj: Trajectory) -> tuple[Tensor, int]:
+    def clean_estimates(self, policy: Policy, traj: Trajectory,
+                        states: Collection[int] | None = None) -> tuple[Tensor, int]:
         """``(estimates (N, T+1, C, h, w) float32, nfe)`` in step-index order:
-        ``estimates[:, k] = ODE_n(latents[:, k])``; ``estimates[:, T]`` is the final sample."""
+        ``estimates[:, k] = ODE_n(latents[:, k])``; ``estimates[:, T]`` is the final sample.
+        With ``states``, the other entries are NaN and not computed."""
+        starts = completed_states(traj.num_steps, states)
         with torch.no_grad():
             if self.mode == "batched":
-                estimates, nfe = self._batched(policy, traj)
+                estimates, nfe = self._batched(policy, traj, starts)
             else:
-                estimates, nfe = self._naive(policy, traj)
+                estimates, nfe = self._naive(policy, traj, starts)
         estimates[:, -1] = traj.latents[:, -1].to(torch.float32)
         return estimates, nfe
 
@@ -157,20 +176,21 @@ class DenseRewardEngine:
             outputs.append(policy.velocity(x_chunk, sigma_rows, cond_cache[key]).to(torch.float32))
         return torch.cat(outputs)
 
-    def _batched(self, policy: Policy, traj: Trajectory) -> tuple[Tensor, int]:
+    def _batched(self, policy: Policy, traj: Trajectory, starts: list[int]) -> tuple[Tensor, int]:
         num_samples, num_steps = traj.num_samples, traj.num_steps
         sigmas = traj.sigmas.to(torch.float32)
         latents = traj.latents.to(torch.float32)
         sample_rows = torch.arange(num_samples)
-        grids = {k: completion_grid(k, num_steps, self.completion) for k in range(num_steps)}
-        position = {k: 0 for k in range(num_steps)}  # index into grids[k] of the current sigma
-        state = {k: latents[:, k] for k in range(num_steps)}
-        estimates = torch.empty_like(latents)
+        grids = {k: completion_grid(k, num_steps, self.completion) for k in starts}
+        position = {k: 0 for k in starts}  # index into grids[k] of the current sigma
+        state = {k: latents[:, k] for k in starts}
+        estimates = torch.full_like(latents, math.nan)
         cond_cache: dict[tuple[int, ...], Cond] = {}
         nfe = 0
         for j in range(num_steps):  # completions only move forward: bucket by grid index j
-            waiting = [k for k in range(j) if position[k] < len(grids[k]) - 1 and grids[k][position[k]] == j]
-            velocity = {j: traj.velocities[:, j].to(torch.float32)}  # reuse the rollout's v(x_j)
+            waiting = [k for k in starts if k < j and position[k] < len(grids[k]) - 1 and grids[k][position[k]] == j]
+            # reuse the rollout's v(x_j) for the completion that starts at x_j
+            velocity = {j: traj.velocities[:, j].to(torch.float32)} if j in grids else {}
             if waiting:
                 x = torch.cat([state[k] for k in waiting])
                 rows = sample_rows.repeat(len(waiting))
@@ -185,15 +205,15 @@ class DenseRewardEngine:
                     estimates[:, k] = state.pop(k)
         return estimates, nfe
 
-    def _naive(self, policy: Policy, traj: Trajectory) -> tuple[Tensor, int]:
+    def _naive(self, policy: Policy, traj: Trajectory, starts: list[int]) -> tuple[Tensor, int]:
         num_samples, num_steps = traj.num_samples, traj.num_steps
         sigmas = traj.sigmas.to(torch.float32)
         latents = traj.latents.to(torch.float32)
         rows = torch.arange(num_samples)
-        estimates = torch.empty_like(latents)
+        estimates = torch.full_like(latents, math.nan)
         cond_cache: dict[tuple[int, ...], Cond] = {}
         nfe = 0
-        for k in range(num_steps):
+        for k in starts:
             grid = completion_grid(k, num_steps, self.completion)
             x = latents[:, k]
             for here, there in zip(grid[:-1], grid[1:]):
@@ -204,15 +224,18 @@ class DenseRewardEngine:
         return estimates, nfe
 
     # -- rewards -----------------------------------------------------------------------
-    def __call__(self, policy: Policy, traj: Trajectory, score: ScoreFn) -> DenseRewards:
+    def __call__(self, policy: Policy, traj: Trajectory, score: ScoreFn,
+                 states: Collection[int] | None = None) -> DenseRewards:
         """Dense rewards ``(N, T+1)`` float32 in the papers' order (``rewards[:, 0] = R_0``,
         the terminal reward), on the latents' device, with the completion NFE and the number
         of images scored. Images are decoded with ``policy.decode`` and scored in chunks of
-        ``max_batch_size``, each clean estimate exactly once."""
-        estimates, nfe = self.clean_estimates(policy, traj)
+        ``max_batch_size``, each clean estimate exactly once. With ``states`` (step indices
+        ``k``), only those states and the final sample are scored; the rest are NaN."""
+        estimates, nfe = self.clean_estimates(policy, traj, states)
         num_samples, num_states = estimates.shape[:2]
-        flat = estimates.reshape(num_samples * num_states, *estimates.shape[2:])
-        rows = torch.arange(num_samples).repeat_interleave(num_states)
+        scored_states = completed_states(traj.num_steps, states) + [traj.num_steps]
+        flat = estimates[:, scored_states].reshape(num_samples * len(scored_states), *estimates.shape[2:])
+        rows = torch.arange(num_samples).repeat_interleave(len(scored_states))
         scores = []
         with torch.no_grad():
             for start in range(0, flat.shape[0], self.max_batch_size):
@@ -226,7 +249,10 @@ class DenseRewardEngine:
                     )
                 scores.append(value.detach().to(estimates.device, torch.float32))
         stacked = torch.cat(scores)
-        by_step_index = stacked.reshape(num_samples, num_states, *stacked.shape[1:])
+        values = stacked.reshape(num_samples, len(scored_states), *stacked.shape[1:])
+        by_step_index = torch.full((num_samples, num_states, *values.shape[2:]), math.nan,
+                                   dtype=torch.float32, device=values.device)
+        by_step_index[:, scored_states] = values
         return DenseRewards(rewards=by_step_index.flip(1), nfe=nfe, reward_calls=int(flat.shape[0]))
 
 
@@ -235,6 +261,7 @@ __all__ = [
     "DenseRewardEngine",
     "ScoreFn",
     "completion_grid",
+    "completed_states",
     "completion_steps",
     "required_nfe",
 ]

@@ -105,11 +105,14 @@ def rollout_and_score(
     world: World,
     engine: DenseRewardEngine | None,
     generator: torch.Generator | None = None,
+    trained_fraction: float | None = None,
 ) -> Scored:
     """Steps 1 and 2: sample trajectories with ``noise_level`` and score them.
 
     With ``engine`` set, every state is scored: ``R_t = R(ODE_n(x_t))`` (DenseGRPO, method.md
-    section 3); otherwise only ``R(x_0)`` (Flow-GRPO).
+    section 3); otherwise only ``R(x_0)`` (Flow-GRPO). With ``trained_fraction`` (the
+    ``timestep_fraction`` of a step-local estimator), only the states that the trained steps
+    read are scored (see :func:`trained_states`) and the other ``R_t`` are NaN.
     """
     device = policy.device
     started = time.perf_counter()
@@ -130,7 +133,8 @@ def rollout_and_score(
     terminal_raw = dense_raw = None
     with torch.no_grad():
         if engine is not None:
-            dense_local = engine(policy, traj, scorer)
+            states = None if trained_fraction is None else trained_states(traj, trained_fraction)
+            dense_local = engine(policy, traj, scorer, states)
             gathered = world.gather(dense_local.rewards.float().cpu())
             nfe_dense = int(world.sum(dense_local.nfe))
             if scorer.per_reward:
@@ -188,6 +192,14 @@ def trained_step_mask(traj: Trajectory, timestep_fraction: float) -> Tensor:
     mask = traj.trained_steps.clone().bool()
     mask[:, num_train:] = False
     return mask
+
+
+def trained_states(traj: Trajectory, timestep_fraction: float) -> list[int]:
+    """Step indices of the states a step-local advantage reads: ``x_k`` and ``x_{k+1}`` of every
+    trained step ``k`` (the final sample ``x_T`` is always scored by the engine)."""
+    trained = trained_step_mask(traj, timestep_fraction).any(dim=0)
+    steps = [k for k in range(traj.num_steps) if bool(trained[k])]
+    return sorted({k for k in steps} | {k + 1 for k in steps})
 
 
 def local_minibatch(minibatch_size: int, local_samples: int, world_size: int) -> int:
@@ -285,15 +297,20 @@ def update_policy(
 
 
 def dense_gain_stats(dense: DenseRewards | None) -> dict[str, Any]:
-    """Per-step mean gain dR and share of positive gains (NaN-aware), for logging."""
+    """Per-step mean gain dR and share of positive gains (NaN-aware), for logging; ``None``
+    for a step without any scored gain (its states were not scored)."""
     if dense is None:
         return {}
     gains = dense.gains()
     valid = ~torch.isnan(gains)
-    count = valid.sum(0).clamp_min(1)
-    mean = torch.where(valid, gains, torch.zeros_like(gains)).sum(0) / count
-    positive = ((gains > 0) & valid).sum(0).float() / count
-    return {"dense_gain_mean": [round(float(v), 6) for v in mean], "dense_gain_pos_frac": [round(float(v), 4) for v in positive]}
+    count = valid.sum(0)
+    mean = torch.where(valid, gains, torch.zeros_like(gains)).sum(0) / count.clamp_min(1)
+    positive = ((gains > 0) & valid).sum(0).float() / count.clamp_min(1)
+
+    def per_step(values: Tensor, digits: int) -> list[float | None]:
+        return [round(float(v), digits) if int(c) else None for v, c in zip(values, count)]
+
+    return {"dense_gain_mean": per_step(mean, 6), "dense_gain_pos_frac": per_step(positive, 4)}
 
 
 def calibration_stats(dense: DenseRewards, sigmas: Tensor, noise_level: Tensor) -> CalibrationStats:

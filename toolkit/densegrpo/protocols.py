@@ -174,10 +174,15 @@ class RewardNeeds:
         completion: ODE steps ``n`` used to complete ``x_t``: ``"t"`` (all remaining steps,
             the paper's default), an integer ``k`` (``min(k, t)`` steps) or ``"t/C"``
             (``ceil(t / C)`` steps, e.g. ``"t/2"``).
+        step_local: ``True`` when the advantage of step ``k`` reads only the rewards of the
+            step's own two states (``R_t`` and ``R_{t-1}``, as DenseGRPO's gain). The loop
+            then scores only the states of trained steps (plus the final sample) and leaves
+            the others NaN; with ``False`` (a reward-to-go, say) every state is scored.
     """
 
     dense: bool = False
     completion: int | str = "t"
+    step_local: bool = False
 
 
 @dataclass

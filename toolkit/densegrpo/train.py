@@ -159,9 +159,12 @@ class Trainer:
         # 1-2. rollout with psi, then rewards (dense engine if the estimator asks for it)
         online = self.config.calibration.online_every and (iteration + 1) % self.config.calibration.online_every == 0
         engine = self.engine if (self.estimator_is_dense or online) else None
+        # a step-local estimator reads only the trained steps' states; online calibration needs them all
+        needs = getattr(self.parts.advantage, "needs", None)
+        trained_fraction = t.timestep_fraction if (needs is not None and needs.step_local and not online) else None
         scored = rollout_and_score(
             self.policy, self.parts.sampler, self.scorer(batch, self.per_reward), batch, self.sigmas, noise_level, self.world, engine,
-            generator=generator_for(self.config.seed, TRAIN_STREAM, iteration),
+            generator=generator_for(self.config.seed, TRAIN_STREAM, iteration), trained_fraction=trained_fraction,
         )
         if not self.estimator_is_dense and scored.dense is not None:
             self.totals["nfe_calibration"] += scored.nfe_dense  # dense rewards only bought for online calibration

@@ -40,7 +40,8 @@ class NormalizeStats:
     Attributes:
         invalid: non-finite input values (they got advantage 0).
         zero_std_cells: group cells (a group, or a group at one timestep) with zero variance.
-        cells: all group cells.
+        cells: group cells holding at least one finite value (cells with none, such as the
+            states the dense engine was told to skip, are not counted).
     """
 
     invalid: int
@@ -96,10 +97,11 @@ def group_normalize(
 
     advantages = deviation / (std + eps)
     advantages = torch.where(vg & ~zero_variance.unsqueeze(1), advantages, 0.0)
+    scored = count > 0  # a cell with no finite value at all (a state not scored) is left out
     stats = NormalizeStats(
         invalid=int((~valid).sum()),
-        zero_std_cells=int(zero_variance.sum()),
-        cells=int(zero_variance.numel()),
+        zero_std_cells=int((zero_variance & scored).sum()),
+        cells=int(scored.sum()),
     )
     return advantages.reshape(values.shape).to(torch.float32), stats
 

@@ -34,7 +34,7 @@ class DenseRawAdvantage:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()
-        self.needs = RewardNeeds(dense=True, completion=self.config.completion)
+        self.needs = RewardNeeds(dense=True, completion=self.config.completion, step_local=True)
         self.last_stats: dict[str, float] = {}
 
     def __call__(self, rewards: RewardBatch) -> Tensor:
