@@ -59,6 +59,43 @@ def test_first_inner_step_ratio_is_one_and_kl_is_zero(tmp_path, advantage):
         assert record["nfe_dense"] == 0
 
 
+def test_early_steps_only_score_only_their_states_and_train_identically(tmp_path):
+    # timestep_fraction 0.5 of T = 4 trains steps 0 and 1, whose gains read x_0, x_1, x_2
+    extra = ["train.timestep_fraction=0.5", "calibrator.name=uniform"]
+    skipping = Trainer(analytic_config("advantage.name=dense", *extra), tmp_path / "a")
+    every = Trainer(analytic_config("advantage.name=loop_components:DenseEveryState", *extra), tmp_path / "b")
+    for iteration in range(2):
+        lean, full = skipping.step(iteration), every.step(iteration)
+        # completions: x_0 takes 4 - 1 = 3 velocity calls (first one reused), x_1 2, x_2 1, per sample
+        assert lean["nfe_dense"] == 8 * (3 + 2 + 1) and full["nfe_dense"] == 8 * 4 * 3 // 2
+        assert lean["reward_mean"] == full["reward_mean"]
+        assert lean["dense_gain_mean"][:2] == full["dense_gain_mean"][:2]
+        assert lean["dense_gain_mean"][2:] == [None, None]
+        assert lean["nfe_train"] == full["nfe_train"]
+        assert torch.equal(skipping.policy.mu.detach(), every.policy.mu.detach())
+
+
+def test_evaluation_scores_every_image_of_every_prompt(tmp_path, monkeypatch):
+    from loop_components import BrightnessReward
+
+    trainer = Trainer(analytic_config("logging.eval_prompts=3", "logging.eval_images_per_prompt=4"), tmp_path)
+    seen = []
+    real = trainer._eval_images
+
+    def recording(prompts):
+        seen.append(list(prompts))
+        return real(prompts)
+
+    monkeypatch.setattr(trainer, "_eval_images", recording)
+    score = trainer.evaluate()
+    first_three = [r["prompt"] for r in trainer.test_records[:3]]
+    assert seen == [[p for p in first_three for _ in range(4)]]
+    # the same prompt's images come from different noise: not one image scored four times
+    images = real(seen[0])
+    assert not torch.equal(images[0], images[1])
+    assert score == pytest.approx(float(BrightnessReward()(images, seen[0], None).mean()), abs=1e-6)
+
+
 def test_one_optimizer_step_changes_trainable_and_not_frozen(tmp_path):
     trainer = Trainer(analytic_config("advantage.name=sparse"), tmp_path)
     mu_before = trainer.policy.mu.detach().clone()

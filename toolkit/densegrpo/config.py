@@ -98,6 +98,9 @@ class LoggingConfig(BaseModel):
     sample_every: int = Field(10, ge=0, description="Write a PNG sample grid every K iterations (0: only at the end).")
     sample_prompts: int = Field(8, ge=0, le=64, description="Test prompts shown in each sample grid (0: no grids).")
     eval_prompts: int = Field(32, ge=0, description="Test prompts scored with ODE sampling at each sample_every (0: no evaluation).")
+    eval_images_per_prompt: int = Field(
+        1, ge=1, le=64, description="ODE images per evaluation prompt, each from its own fixed noise (more images: a less noisy eval_reward)."
+    )
     tensorboard: bool = Field(False, description="Also write TensorBoard scalars (needs the tensorboard package).")
     progress: bool = Field(True, description="Show a progress bar.")
 

@@ -266,7 +266,8 @@ class Trainer:
         count = self.config.logging.eval_prompts
         if count == 0:
             return None
-        records = self.test_records[:count]
+        per_prompt = self.config.logging.eval_images_per_prompt
+        records = [r for r in self.test_records[:count] for _ in range(per_prompt)]
         images = self._eval_images([r["prompt"] for r in records])
         rewards = RewardScorer(self.parts.rewards, [r["prompt"] for r in records], [r if "include" in r else None for r in records])
         return _nanmean(rewards(images, torch.arange(len(records))))
