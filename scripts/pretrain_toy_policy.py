@@ -50,13 +50,14 @@ def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
 class ScenePool:
     """Pre-rendered scenes per training prompt, stored as uint8, refreshed a slice at a time."""
 
-    def __init__(self, metadata: list[dict], per_prompt: int, seed: int):
+    def __init__(self, metadata: list[dict], per_prompt: int, seed: int, size: int = 32):
         from densegrpo.toy.scenes import render_batch
 
         self.render_batch = render_batch
         self.metadata = metadata
         self.per_prompt = per_prompt
-        self.images = torch.empty(len(metadata), per_prompt, 3, 32, 32, dtype=torch.uint8)
+        self.size = size
+        self.images = torch.empty(len(metadata), per_prompt, 3, size, size, dtype=torch.uint8)
         self.seed = seed
         self.next_column = 0
         for column in range(per_prompt):
@@ -64,7 +65,7 @@ class ScenePool:
 
     def refresh_column(self) -> None:
         column = self.next_column % self.per_prompt
-        images = self.render_batch(self.metadata, seed=self.seed)
+        images = self.render_batch(self.metadata, seed=self.seed, size=self.size)
         self.seed += 1
         self.images[:, column] = (images * 255).round().to(torch.uint8)
         self.next_column += 1
@@ -75,9 +76,13 @@ class ScenePool:
 
 
 def save_checkpoint(transformer, text_encoder, folder: Path, info: dict) -> None:
+    """UNet (and the text encoder unless it was frozen: then the shipped one is used)."""
     folder.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(folder / "unet", safe_serialization=True)
-    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    if info.get("freeze_text_encoder"):
+        copy.deepcopy(transformer).half().save_pretrained(folder / "unet", safe_serialization=True)  # fp16 on disk
+    else:
+        transformer.save_pretrained(folder / "unet", safe_serialization=True)
+        text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     (folder / "train_info.json").write_text(json.dumps(info, indent=2, default=str))
 
 
@@ -94,21 +99,24 @@ def train(args: argparse.Namespace) -> None:
     metadata = load_prompts("toy-train")
     prompts = [m["prompt"] for m in metadata]
     start = time.time()
-    pool = ScenePool(metadata, args.pool, seed=args.seed * 100003)
+    pool = ScenePool(metadata, args.pool, seed=args.seed * 100003, size=args.resolution)
     print(f"rendered {len(metadata)} x {args.pool} scenes in {time.time() - start:.1f}s", flush=True)
 
-    if args.resume is not None:  # continue from a checkpoint's (EMA) weights; the optimiser restarts
-        transformer, text_encoder = build_toy_modules("pretrained", folder=args.resume)
+    start_from = args.resume or args.init
+    if start_from is not None:  # a checkpoint's (EMA) weights; the optimiser restarts
+        transformer, text_encoder = build_toy_modules("pretrained", folder=start_from)
     else:
-        transformer, text_encoder = build_toy_modules("random", seed=args.seed)
+        transformer, text_encoder = build_toy_modules("random", seed=args.seed, resolution=args.resolution)
+    transformer.register_to_config(sample_size=args.resolution)
     transformer.train()
-    text_encoder.train()
+    text_encoder.train(not args.freeze_text_encoder).requires_grad_(not args.freeze_text_encoder)
     tokenizer = clip_tokenizer(TOY_MAX_TOKENS)
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    params = list(transformer.parameters()) + ([] if args.freeze_text_encoder else list(text_encoder.parameters()))
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     ema_transformer = copy.deepcopy(transformer).eval().requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).eval().requires_grad_(False)
-    ema_pairs = list(zip(list(ema_transformer.parameters()) + list(ema_text.parameters()), params))
+    ema_params = list(ema_transformer.parameters()) + ([] if args.freeze_text_encoder else list(ema_text.parameters()))
+    ema_pairs = list(zip(ema_params, params))
     generator = torch.Generator().manual_seed(args.seed)
     print(f"transformer {sum(p.numel() for p in transformer.parameters())/1e6:.2f} M params, "
           f"text encoder {sum(p.numel() for p in text_encoder.parameters())/1e6:.2f} M", flush=True)
@@ -160,9 +168,9 @@ def train(args: argparse.Namespace) -> None:
             print(json.dumps(record), flush=True)
         if step % args.checkpoint_every == 0:
             save_checkpoint(ema_transformer, ema_text, out / f"step_{step:06d}",
-                            {"step": step, "loss_ema": running, "minutes": (time.time() - train_start) / 60, **vars(args)})
+                            {**vars(args), "step": step, "loss_ema": running, "elapsed_minutes": (time.time() - train_start) / 60})
     save_checkpoint(ema_transformer, ema_text, out / f"step_{step:06d}",
-                    {"step": step, "loss_ema": running, "minutes": (time.time() - train_start) / 60, **vars(args)})
+                    {**vars(args), "step": step, "loss_ema": running, "elapsed_minutes": (time.time() - train_start) / 60})
     print(f"done: {step} steps in {(time.time() - train_start) / 60:.1f} min, loss (EMA of batches) {running:.4f}", flush=True)
 
 
@@ -173,22 +181,24 @@ def score_checkpoints(root: Path, num_steps: int, per_prompt: int, threads: int)
 
     torch.set_num_threads(threads)
     for folder in sorted(p for p in root.iterdir() if (p / "unet").is_dir()):
-        policy = ToyPolicy(ToyPolicy.Config(model=str(folder), lora={"enabled": False}))
+        resolution = int(json.loads((folder / "unet" / "config.json").read_text()).get("sample_size", 32))
+        policy = ToyPolicy(ToyPolicy.Config(model=str(folder), resolution=resolution, lora={"enabled": False}))
         report = evaluate_policy(policy, "toy-geneval", steps=num_steps, per_prompt=per_prompt)
         partial = {tag: round(values["partial"], 3) for tag, values in report["per_tag"].items()}
         print(json.dumps({"checkpoint": folder.name, "overall": report["overall"], "partial_per_tag": partial}), flush=True)
 
 
 def ship(folder: Path) -> None:
-    """Copy a checkpoint's weights into the package (densegrpo/toy/weights/toy_policy)."""
+    """Copy a checkpoint's weights into the package (densegrpo/toy/weights/toy_policy[_16])."""
     from densegrpo.policies.toy import packaged_weights
 
-    target = packaged_weights()
+    info = json.loads((folder / "train_info.json").read_text()) if (folder / "train_info.json").exists() else {}
+    target = packaged_weights(int(info.get("resolution", 32)))
     for sub in ("unet", "text_encoder"):
         if (target / sub).exists():
             shutil.rmtree(target / sub)
-        shutil.copytree(folder / sub, target / sub)
-    info = json.loads((folder / "train_info.json").read_text()) if (folder / "train_info.json").exists() else {}
+        if (folder / sub).exists():
+            shutil.copytree(folder / sub, target / sub)
     (target / "train_info.json").write_text(json.dumps(info, indent=2))
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     print(f"shipped {folder} -> {target} ({size / 1e6:.1f} MB)")
@@ -214,6 +224,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a busy 2-core machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", type=Path, default=None, help="continue training from this checkpoint folder")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this checkpoint's weights at step 0 (e.g. the shipped 32 px model for --resolution 16)")
+    parser.add_argument("--resolution", type=int, default=32, choices=[32, 16], help="pixel size of the scenes and the latent")
+    parser.add_argument("--freeze-text-encoder", action="store_true",
+                        help="train the UNet only and save it alone (fp16); the shipped 32 px text encoder is used with it")
     parser.add_argument("--score", type=Path, default=None, help="score every checkpoint in this folder and exit")
     parser.add_argument("--score-steps", type=int, default=40)
     parser.add_argument("--score-per-prompt", type=int, default=4)

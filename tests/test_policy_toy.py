@@ -115,3 +115,69 @@ def test_lora_file_round_trip(tmp_path):
     fresh.load_lora(tmp_path)
     expected = policy.trainable_state_dict()
     assert all(torch.equal(fresh.trainable_state_dict()[k], v) for k, v in expected.items())
+
+
+def test_16px_toy_loads_its_unet_and_the_32px_text_encoder():
+    from densegrpo.policies.toy import TOY_RESOLUTIONS
+
+    assert TOY_RESOLUTIONS == (32, 16)
+    folder = packaged_weights(16)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    names = {p.relative_to(folder).as_posix() for p in files}
+    assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "train_info.json"} <= names
+    assert not (folder / "text_encoder").exists()
+    assert sum(p.stat().st_size for p in files) <= 4 * 1024 * 1024  # fp16 UNet alone
+    small = ToyPolicy(ToyPolicy.Config(resolution=16))
+    large = ToyPolicy(ToyPolicy.Config())
+    assert small.latent_shape == (3, 16, 16) and small.transformer.config.sample_size == 16
+    assert all(torch.equal(a, b) for a, b in zip(small.text_encoder.parameters(), large.text_encoder.parameters()))
+    assert all(p.dtype == torch.float32 for p in small.transformer.parameters())  # fp16 on disk, fp32 in use
+    # a different UNet: fine-tuned from the 32 px one, not the same weights
+    assert not torch.equal(next(small.transformer.parameters()), next(large.transformer.parameters()))
+    cond = small.encode(PROMPTS)
+    with torch.no_grad():
+        v = small.velocity(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 0.3]), cond)
+    assert v.shape == (2, 3, 16, 16)
+    images = small.decode(v)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1  # rewards see 32 px
+
+
+def test_16px_decode_upsamples_and_32px_decode_does_not():
+    # a horizontal ramp: bilinear upsampling keeps it a ramp, so 2x2 block means give it back
+    ramp = torch.linspace(-0.9, 0.9, 16).expand(1, 3, 16, 16)
+    up = latents_to_pixels(ramp)
+    assert up.shape == (1, 3, 32, 32)
+    blocks = torch.nn.functional.avg_pool2d(up, 2)
+    assert torch.allclose(blocks[..., 1:-1], ((ramp + 1) / 2)[..., 1:-1], atol=1e-5)
+    assert torch.equal(latents_to_pixels(torch.full((1, 3, 16, 16), 0.5)), torch.full((1, 3, 32, 32), 0.75))
+    assert latents_to_pixels(pixels_to_latents(torch.full((1, 3, 32, 32), 0.25))).shape == (1, 3, 32, 32)
+
+
+def test_pretrained_16px_weights_denoise_16px_scenes():
+    from densegrpo.toy.prompts import load_prompts
+    from densegrpo.toy.scenes import render_batch
+
+    metadata = load_prompts("toy-test")[:16]
+    x0 = pixels_to_latents(render_batch(metadata, seed=123, size=16))
+    generator = torch.Generator().manual_seed(0)
+    eps = torch.randn(x0.shape, generator=generator)
+    sigma = torch.rand(len(metadata), generator=generator) * 0.8 + 0.1
+    s = sigma.view(-1, 1, 1, 1)
+    x_sigma, target = (1 - s) * x0 + s * eps, eps - x0
+
+    def loss(policy):
+        with torch.no_grad():
+            v = policy.velocity(x_sigma, sigma, policy.encode([m["prompt"] for m in metadata]))
+        return (v - target).pow(2).mean().item()
+
+    pretrained = ToyPolicy(ToyPolicy.Config(resolution=16))
+    random = ToyPolicy(ToyPolicy.Config(weights="random", resolution=16))
+    assert loss(pretrained) < 0.5 * loss(random)
+
+
+def test_unknown_resolution_is_refused():
+    from densegrpo.errors import UserError
+    from densegrpo.policies.toy import build_toy_modules
+
+    with pytest.raises(UserError, match="resolution 24"):
+        build_toy_modules(resolution=24)

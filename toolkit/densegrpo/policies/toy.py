@@ -38,6 +38,10 @@ from densegrpo.protocols import Cond
 
 TOY_RESOLUTION = 32
 TOY_MAX_TOKENS = 24
+TOY_RESOLUTIONS = (32, 16)
+"""Latent sizes with shipped weights. 16 is the same UNet on 16x16 pixels (3 x 16 x 16 = 768
+noise dimensions instead of 3072, about 5x cheaper per forward pass), fine-tuned from the 32 px
+weights with the 32 px text encoder frozen; its images are upsampled to 32 px by ``decode``."""
 
 TOY_UNET_CONFIG = dict(
     sample_size=TOY_RESOLUTION,
@@ -78,9 +82,11 @@ WEIGHTS_PACKAGE = "densegrpo.toy"
 WEIGHTS_FOLDER = "weights/toy_policy"
 
 
-def packaged_weights() -> Path:
-    """Folder of the shipped toy weights inside the installed package."""
-    return Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(WEIGHTS_FOLDER)))
+def packaged_weights(resolution: int = TOY_RESOLUTION) -> Path:
+    """Folder of the shipped toy weights inside the installed package (``unet/`` and, at 32 px,
+    ``text_encoder/``; the 16 px model shares the 32 px text encoder)."""
+    folder = WEIGHTS_FOLDER if resolution == TOY_RESOLUTION else f"{WEIGHTS_FOLDER}_{resolution}"
+    return Path(str(resources.files(WEIGHTS_PACKAGE).joinpath(folder)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,26 +96,33 @@ def _tokenizer(max_length: int):
     return clip_tokenizer(model_max_length=max_length)
 
 
-def build_toy_modules(weights: str = "pretrained", folder: str | Path | None = None, seed: int = 0):
-    """``(unet, text_encoder)``: the shipped weights, a local folder, or random init."""
+def build_toy_modules(weights: str = "pretrained", folder: str | Path | None = None, seed: int = 0,
+                      resolution: int = TOY_RESOLUTION):
+    """``(unet, text_encoder)``: the shipped weights for ``resolution``, a local folder, or random init.
+
+    A folder without ``text_encoder/`` (the 16 px model) takes the shipped 32 px text encoder.
+    """
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+    if resolution not in TOY_RESOLUTIONS:
+        raise UserError(f"toy policy resolution {resolution} has no weights; use one of {list(TOY_RESOLUTIONS)}")
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet = UNet2DConditionModel(**TOY_UNET_CONFIG)
+            unet = UNet2DConditionModel(**{**TOY_UNET_CONFIG, "sample_size": resolution})
             text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**TOY_TEXT_ENCODER_CONFIG))
         return unet, text_encoder
-    root = Path(folder) if folder is not None else packaged_weights()
+    root = Path(folder) if folder is not None else packaged_weights(resolution)
     if not (root / "unet" / "config.json").exists():
         raise UserError(
             f"toy policy weights are missing in '{root}'; reinstall densegrpo, run "
             "scripts/pretrain_toy_policy.py, or set policy config weights: random"
         )
+    text_root = root if (root / "text_encoder" / "config.json").exists() else packaged_weights()
     unet = hub_load(UNet2DConditionModel.from_pretrained, "toy UNet", str(root),
                     subfolder="unet", local_files_only=True, torch_dtype=torch.float32)
-    text_encoder = hub_load(CLIPTextModelWithProjection.from_pretrained, "toy text encoder", str(root),
+    text_encoder = hub_load(CLIPTextModelWithProjection.from_pretrained, "toy text encoder", str(text_root),
                             subfolder="text_encoder", local_files_only=True, dtype=torch.float32)
     return unet, text_encoder
 
@@ -148,8 +161,12 @@ def pixels_to_latents(images: Tensor) -> Tensor:
 
 
 def latents_to_pixels(latents: Tensor) -> Tensor:
-    """Toy latents ``(N,3,32,32)`` -> images float32 in [0, 1] (clamped)."""
-    return ((latents.float() + 1) / 2).clamp(0, 1)
+    """Toy latents ``(N,3,R,R)`` -> images float32 in [0, 1] (clamped), upsampled (bilinear) to
+    at least 32 x 32 so every reward sees the toy world's image size."""
+    images = ((latents.float() + 1) / 2).clamp(0, 1)
+    if images.shape[-1] < TOY_RESOLUTION:
+        images = torch.nn.functional.interpolate(images, size=(TOY_RESOLUTION, TOY_RESOLUTION), mode="bilinear", align_corners=False)
+    return images
 
 
 class ToyPolicy(FlowTransformerPolicy):
@@ -162,6 +179,11 @@ class ToyPolicy(FlowTransformerPolicy):
             "pretrained", description="'pretrained': the shipped weights (or `model`); 'random': fresh init (tests)."
         )
         seed: int = Field(0, description="Seed of the random init when weights is 'random'.")
+        resolution: Literal[32, 16] = Field(
+            32,
+            description="Pixel size of the latent: 32 (the 32 x 32 model) or 16 (the same UNet fine-tuned on 16 x 16 scenes: "
+            "4x fewer noise dimensions and about 5x cheaper per forward pass; images are upsampled to 32 px).",
+        )
         model: str | None = Field(
             None, description="Local folder with unet/ and text_encoder/ (as written by scripts/pretrain_toy_policy.py); None: the shipped weights."
         )
@@ -175,7 +197,7 @@ class ToyPolicy(FlowTransformerPolicy):
 
     def __init__(self, config: Config | None = None):
         config = config if config is not None else self.Config()
-        unet, text_encoder = build_toy_modules(config.weights, config.model, config.seed)
+        unet, text_encoder = build_toy_modules(config.weights, config.model, config.seed, config.resolution)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
         text_encoder = text_encoder.to(config.device, dtype)
         tokenizer = _tokenizer(int(text_encoder.config.max_position_embeddings))
@@ -188,7 +210,7 @@ class ToyPolicy(FlowTransformerPolicy):
             encode=lambda prompts: encode_toy_prompts(tokenizer, text_encoder, prompts, dtype),
             forward=unet_forward,
             decode=latents_to_pixels,
-            latent_shape=(3, TOY_RESOLUTION, TOY_RESOLUTION),
+            latent_shape=(3, config.resolution, config.resolution),
             lora_pipeline=StableDiffusionPipeline,
             lora_prefix="unet",
             default_lora_targets=tuple(TOY_LORA_TARGETS),
@@ -200,6 +222,7 @@ class ToyPolicy(FlowTransformerPolicy):
 __all__ = [
     "TOY_TEXT_ENCODER_CONFIG",
     "TOY_LORA_TARGETS",
+    "TOY_RESOLUTIONS",
     "TOY_UNET_CONFIG",
     "ToyPolicy",
     "build_toy_modules",
