@@ -10,7 +10,7 @@ from densegrpo.errors import ConfigError
 
 def test_defaults_describe_the_toy_dense_run():
     run = cfg.default_config()
-    assert run.policy.name == "toy"
+    assert run.policy.name == "toy" and run.policy.config == {"resolution": 16}
     assert run.advantage.name == "dense"
     assert run.calibrator.name == "reward-aware"
     assert [r.name for r in run.rewards] == ["toy-geneval"]

@@ -37,7 +37,8 @@ ANALYTIC = ["policy.name=loop_components:AnalyticPolicy", "rewards.0.name=loop_c
 SPANNING = [*COMMON, *ANALYTIC, "advantage.name=sparse", "train.group_size=8", "train.groups_per_iteration=1"]
 # ... or two groups of 4, one per rank, with dense advantages.
 PER_RANK = [*COMMON, *ANALYTIC, "advantage.name=dense", "train.group_size=4", "train.groups_per_iteration=2"]
-# The toy policy, 4 steps, no evaluation or sample grids, a checkpoint every iteration.
+# The 32 px toy policy (the setting the tolerances below were measured on), 4 steps, one initial
+# noise per sample, no evaluation or sample grids, a checkpoint every iteration.
 TOY = [
     "sampling.num_steps=4",
     "logging.progress=false",
@@ -45,6 +46,8 @@ TOY = [
     "logging.eval_prompts=0",
     "checkpoint_every=1",
     "policy.name=toy",
+    "policy.config.resolution=32",
+    "train.same_noise_per_group=false",
 ]
 # Full fine-tuning of the toy UNet (random init, 1.7 M weights), sharded with FSDP2 on 2 processes.
 TOY_FULL = [

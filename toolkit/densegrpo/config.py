@@ -68,8 +68,12 @@ class TrainConfig(BaseModel):
 
     model_config = STRICT
     group_size: int = Field(8, ge=2, description="G, samples per prompt group (paper: 24).")
-    groups_per_iteration: int = Field(2, ge=1, description="Prompt groups sampled per iteration; N = G * groups.")
-    same_noise_per_group: bool = Field(False, description="Start every member of a group from the same initial noise.")
+    groups_per_iteration: int = Field(8, ge=1, description="Prompt groups sampled per iteration; N = G * groups (toy run: 8 x 8 = 64).")
+    same_noise_per_group: bool = Field(
+        True,
+        description="Start every member of a group from the same initial noise, so the group's rewards differ only "
+        "through the sampler's noise (Flow-GRPO's same_latent option); the toy run uses it.",
+    )
     clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the ratio (paper: 1e-4, since log-probs are per-dimension means).")
     beta: float = Field(0.01, ge=0, description="Weight of the KL term to the reference model (paper: 0.04 GenEval/OCR, 0.01 PickScore; toy run 0.01).")
     advantage_clip: float = Field(5.0, gt=0, description="Advantages are clipped to +-this value (paper: 5).")
@@ -78,7 +82,7 @@ class TrainConfig(BaseModel):
     )
     inner_epochs: int = Field(1, ge=1, description="Optimisation passes over each batch of rollouts.")
     minibatch_size: int = Field(0, ge=0, description="Samples per backward pass; 0 means the whole batch at once.")
-    learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate (paper: 3e-4 for SD3.5-M; the toy run's short budget uses 2e-3).")
+    learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate (paper: 3e-4 for SD3.5-M; the toy run's short budget uses 3e-3).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (paper: 1e-4).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
@@ -97,9 +101,9 @@ class LoggingConfig(BaseModel):
     model_config = STRICT
     sample_every: int = Field(10, ge=0, description="Write a PNG sample grid every K iterations (0: only at the end).")
     sample_prompts: int = Field(8, ge=0, le=64, description="Test prompts shown in each sample grid (0: no grids).")
-    eval_prompts: int = Field(32, ge=0, description="Test prompts scored with ODE sampling at each sample_every (0: no evaluation).")
+    eval_prompts: int = Field(81, ge=0, description="Test prompts scored with ODE sampling at each sample_every (0: no evaluation; the toy has 81).")
     eval_images_per_prompt: int = Field(
-        1, ge=1, le=64, description="ODE images per evaluation prompt, each from its own fixed noise (more images: a less noisy eval_reward)."
+        2, ge=1, le=64, description="ODE images per evaluation prompt, each from its own fixed noise (more images: a less noisy eval_reward)."
     )
     tensorboard: bool = Field(False, description="Also write TensorBoard scalars (needs the tensorboard package).")
     progress: bool = Field(True, description="Show a progress bar.")
@@ -118,11 +122,12 @@ class RunConfig(BaseModel):
 
     model_config = STRICT
     seed: int = Field(0, description="Seed for noise, prompt order and initialisation; runs are deterministic on CPU.")
-    iterations: int = Field(40, ge=0, description="GRPO iterations (rollout + update) to run.")
+    iterations: int = Field(60, ge=0, description="GRPO iterations (rollout + update) to run.")
     checkpoint_every: int = Field(10, ge=0, description="Write a checkpoint every K iterations (0: only at the end).")
     device: str = Field("cpu", description="Torch device for the policy, e.g. 'cpu' or 'cuda'.")
     policy: ComponentSpec = Field(
-        default_factory=lambda: ComponentSpec(name="toy"), description="The flow-matching model being aligned."
+        default_factory=lambda: ComponentSpec(name="toy", config={"resolution": 16}),
+        description="The flow-matching model being aligned (the toy run: the 16 x 16 toy policy).",
     )
     sampler: ComponentSpec = Field(
         default_factory=lambda: ComponentSpec(name="flow-sde"), description="The stochastic sampler used for rollouts."

@@ -199,7 +199,7 @@ def trained_states(traj: Trajectory, timestep_fraction: float) -> list[int]:
     trained step ``k`` (the final sample ``x_T`` is always scored by the engine)."""
     trained = trained_step_mask(traj, timestep_fraction).any(dim=0)
     steps = [k for k in range(traj.num_steps) if bool(trained[k])]
-    return sorted({k for k in steps} | {k + 1 for k in steps})
+    return sorted(set(steps) | {k + 1 for k in steps})
 
 
 def local_minibatch(minibatch_size: int, local_samples: int, world_size: int) -> int:

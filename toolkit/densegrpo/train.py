@@ -79,7 +79,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(), lr=t.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay
         )
-        self.estimator_is_dense = bool(getattr(self.parts.advantage, "needs", None) and self.parts.advantage.needs.dense)
+        needs = getattr(self.parts.advantage, "needs", None)
+        self.estimator_is_dense = bool(needs and needs.dense)
+        # a step-local estimator reads only the trained steps' states (RewardNeeds.step_local)
+        self.estimator_is_step_local = bool(needs and needs.dense and needs.step_local)
         self.engine = DenseRewardEngine(completion=completion_for(self.parts.advantage))
         self.ema = {k: v.detach().clone() for k, v in self.policy.trainable_state_dict().items()} if t.ema_decay > 0 else None
         self.iteration = 0
@@ -159,9 +162,8 @@ class Trainer:
         # 1-2. rollout with psi, then rewards (dense engine if the estimator asks for it)
         online = self.config.calibration.online_every and (iteration + 1) % self.config.calibration.online_every == 0
         engine = self.engine if (self.estimator_is_dense or online) else None
-        # a step-local estimator reads only the trained steps' states; online calibration needs them all
-        needs = getattr(self.parts.advantage, "needs", None)
-        trained_fraction = t.timestep_fraction if (needs is not None and needs.step_local and not online) else None
+        # online calibration needs the gains of every step
+        trained_fraction = t.timestep_fraction if (self.estimator_is_step_local and not online) else None
         scored = rollout_and_score(
             self.policy, self.parts.sampler, self.scorer(batch, self.per_reward), batch, self.sigmas, noise_level, self.world, engine,
             generator=generator_for(self.config.seed, TRAIN_STREAM, iteration), trained_fraction=trained_fraction,
