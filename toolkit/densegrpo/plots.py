@@ -22,14 +22,28 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_reward_curve(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Training reward (mean +- std over the batch) and ODE evaluation reward against iteration."""
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` values (fewer at the start), NaN-aware."""
+    out = np.full(len(values), np.nan)
+    for i in range(len(values)):
+        chunk = values[max(0, i + 1 - window) : i + 1]
+        if np.isfinite(chunk).any():
+            out[i] = np.nanmean(chunk)
+    return out
+
+
+def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) -> Path:
+    """Training reward (per iteration, its ``window``-iteration moving average, and +- the batch
+    std) and ODE evaluation reward against iteration."""
     iterations = np.array([r["iteration"] + 1 for r in rows])
     mean = np.array([r["reward_mean"] for r in rows], dtype=float)
     std = np.array([r.get("reward_std", 0.0) for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(iterations, mean, label="train reward (SDE rollouts)", color="tab:blue")
-    ax.fill_between(iterations, mean - std, mean + std, alpha=0.2, color="tab:blue")
+    ax.plot(iterations, mean, label="train reward (SDE rollouts)", color="tab:blue", alpha=0.45, linewidth=1)
+    ax.fill_between(iterations, mean - std, mean + std, alpha=0.1, color="tab:blue")
+    if len(rows) >= 2:
+        ax.plot(iterations, moving_average(mean, window), color="tab:blue", linewidth=2.2,
+                label=f"train reward, mean of the last {window} iterations")
     evals = [(r["iteration"] + 1, r["eval_reward"]) for r in rows if "eval_reward" in r]
     base = [r["eval_reward_base"] for r in rows if "eval_reward_base" in r]
     if base:
