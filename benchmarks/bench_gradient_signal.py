@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gradient_signal.py                       # 4 batches of 8 groups x 8
     python benchmarks/bench_gradient_signal.py --batches 6 --groups 16 --same-noise
+    python benchmarks/bench_gradient_signal.py --set policy.config.resolution=32   # the 32 px toy
 
 For ``--batches`` independent batches (fresh prompts and noise, the default toy run's sampler,
 reward and noise level), it rolls out, scores densely, and takes the gradient of the GRPO
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--same-noise", action="store_true", help="share the initial noise within a group")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--set", action="append", default=[], help="extra config override, e.g. policy.config.resolution=32 (repeatable)")
     args = parser.parse_args()
     if args.batches < 2:
         parser.error("--batches must be at least 2 to compare gradients")
@@ -72,6 +74,7 @@ def main() -> None:
             f"calibrator.config.noise_level={args.noise_level}",
             f"train.group_size={args.group_size}",
             f"train.groups_per_iteration={args.groups}",
+            *args.set,
         ],
     )
     estimators = {name: registry.load("advantages", name) for name in ("sparse", "dense")}
