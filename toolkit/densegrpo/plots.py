@@ -33,14 +33,13 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) -> Path:
-    """Training reward (per iteration, its ``window``-iteration moving average, and +- the batch
-    std) and ODE evaluation reward against iteration."""
+    """Training reward (per iteration and its ``window``-iteration moving average) and ODE
+    evaluation reward against iteration. The spread of single samples (``reward_std``) is left
+    out: it is as wide as the reward's range and would hide the trend of the mean."""
     iterations = np.array([r["iteration"] + 1 for r in rows])
     mean = np.array([r["reward_mean"] for r in rows], dtype=float)
-    std = np.array([r.get("reward_std", 0.0) for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(iterations, mean, label="train reward (SDE rollouts)", color="tab:blue", alpha=0.45, linewidth=1)
-    ax.fill_between(iterations, mean - std, mean + std, alpha=0.1, color="tab:blue")
     if len(rows) >= 2:
         ax.plot(iterations, moving_average(mean, window), color="tab:blue", linewidth=2.2,
                 label=f"train reward, mean of the last {window} iterations")
