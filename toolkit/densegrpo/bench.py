@@ -55,9 +55,10 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(iterations=2, group_size=4, groups=2, calibration_rounds=1, calibration_samples=8, eval_prompts=4, overrides=["sampling.eval_steps=10"]),
+    # On the 16 px toy (the main job's policy): 8 iterations of 2 x 8 samples, 48 runs in about 15 minutes on 2 cores.
     "default": Profile(
-        iterations=6, group_size=4, groups=2, calibration_rounds=2, calibration_samples=8, eval_prompts=4,
-        overrides=["train.learning_rate=0.005", "logging.sample_prompts=0"],
+        iterations=8, group_size=8, groups=2, calibration_rounds=2, calibration_samples=16, eval_prompts=32,
+        overrides=["logging.sample_prompts=0"],
     ),
 }
 
