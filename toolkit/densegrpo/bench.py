@@ -148,7 +148,7 @@ def measure_costs(reward: str, group_size: int, groups: int) -> dict[str, Any]:
     config = cfg.default_config()
     T = config.sampling.num_steps
     N = group_size * groups
-    policy = registry.load("policies", config.policy.name, {})
+    policy = registry.load("policies", config.policy.name, config.policy.config)  # the arms' policy (the 16 px toy)
     sampler = registry.load("samplers", "flow-sde")
     model = registry.load("rewards", reward)
     records = load_prompt_records("toy-train")[:N]
