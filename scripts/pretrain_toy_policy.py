@@ -75,10 +75,10 @@ class ScenePool:
         return self.images[prompt_index, column].float() / 255
 
 
-def save_checkpoint(transformer, text_encoder, folder: Path, info: dict) -> None:
+def save_checkpoint(transformer, text_encoder, folder: Path, info: dict, text_encoder_frozen: bool = False) -> None:
     """UNet (and the text encoder unless it was frozen: then the shipped one is used)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if info.get("freeze_text_encoder"):
+    if text_encoder_frozen:
         copy.deepcopy(transformer).half().save_pretrained(folder / "unet", safe_serialization=True)  # fp16 on disk
     else:
         transformer.save_pretrained(folder / "unet", safe_serialization=True)
@@ -122,6 +122,10 @@ def train(args: argparse.Namespace) -> None:
           f"text encoder {sum(p.numel() for p in text_encoder.parameters())/1e6:.2f} M", flush=True)
 
     train_start = time.time()
+
+    def save_ema(step: int, loss_ema: float | None) -> None:
+        info = {**vars(args), "step": step, "loss_ema": loss_ema, "elapsed_minutes": (time.time() - train_start) / 60}
+        save_checkpoint(ema_transformer, ema_text, out / f"step_{step:06d}", info, text_encoder_frozen=args.freeze_text_encoder)
     step = int(json.loads((args.resume / "train_info.json").read_text())["step"]) if args.resume else 0
     first_step = step
     running = None
@@ -167,10 +171,8 @@ def train(args: argparse.Namespace) -> None:
             log.flush()
             print(json.dumps(record), flush=True)
         if step % args.checkpoint_every == 0:
-            save_checkpoint(ema_transformer, ema_text, out / f"step_{step:06d}",
-                            {**vars(args), "step": step, "loss_ema": running, "elapsed_minutes": (time.time() - train_start) / 60})
-    save_checkpoint(ema_transformer, ema_text, out / f"step_{step:06d}",
-                    {**vars(args), "step": step, "loss_ema": running, "elapsed_minutes": (time.time() - train_start) / 60})
+            save_ema(step, running)
+    save_ema(step, running)
     print(f"done: {step} steps in {(time.time() - train_start) / 60:.1f} min, loss (EMA of batches) {running:.4f}", flush=True)
 
 

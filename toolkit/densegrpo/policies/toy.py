@@ -185,7 +185,8 @@ class ToyPolicy(FlowTransformerPolicy):
             "4x fewer noise dimensions and about 5x cheaper per forward pass; images are upsampled to 32 px).",
         )
         model: str | None = Field(
-            None, description="Local folder with unet/ and text_encoder/ (as written by scripts/pretrain_toy_policy.py); None: the shipped weights."
+            None, description="Local folder with unet/ and text_encoder/ (as written by scripts/pretrain_toy_policy.py; without "
+            "text_encoder/ the shipped one is used, as for --freeze-text-encoder); None: the shipped weights for `resolution`."
         )
         guidance_scale: float = Field(
             1.0, ge=0, description="CFG scale; the toy model was trained with 10% empty prompts so CFG works, but 1 (off) halves the cost."
