@@ -26,10 +26,10 @@ from __future__ import annotations
 import functools
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from densegrpo.errors import UserError
@@ -169,6 +169,10 @@ def latents_to_pixels(latents: Tensor) -> Tensor:
     return images
 
 
+TOY_LORA = {"rank": 8, "alpha": 16.0}
+"""The toy's LoRA defaults, which a partial ``lora`` override keeps."""
+
+
 class ToyPolicy(FlowTransformerPolicy):
     """The embedded toy generator: latent ``(3, 32, 32)`` pixels, images ``(N, 3, 32, 32)``."""
 
@@ -192,9 +196,16 @@ class ToyPolicy(FlowTransformerPolicy):
             1.0, ge=0, description="CFG scale; the toy model was trained with 10% empty prompts so CFG works, but 1 (off) halves the cost."
         )
         lora: LoRAConfig = Field(
-            default_factory=lambda: LoRAConfig(rank=8, alpha=16.0),
-            description="LoRA settings; the toy's attention is 32-64 wide so rank 8 (alpha/r = 2 as in the paper), on q/k/v/out.",
+            default_factory=lambda: LoRAConfig(**TOY_LORA),
+            description="LoRA settings; the toy's attention is 32-64 wide so rank 8 (alpha/r = 2 as in the paper), on q/k/v/out. "
+            "Fields not given keep these toy defaults (setting only target_modules keeps rank 8).",
         )
+
+        @field_validator("lora", mode="before")
+        @classmethod
+        def _toy_lora_defaults(cls, value: Any) -> Any:
+            # a partial override such as {"target_modules": [...]} must not fall back to LoRAConfig's rank 32
+            return {**TOY_LORA, **value} if isinstance(value, dict) else value
 
     def __init__(self, config: Config | None = None):
         config = config if config is not None else self.Config()
