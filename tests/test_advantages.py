@@ -131,6 +131,20 @@ def test_dense_gains_normalised_per_timestep_and_per_group():
     assert estimator.last_stats["nan_rewards"] == 0
 
 
+def test_dense_uncentered_divides_the_gains_by_the_group_std():
+    # one group of 4, one step: gains [0.25, 0, 0, 0] -> mean 0.0625,
+    # population std sqrt((0.1875^2 + 3 * 0.0625^2) / 4) = sqrt(0.01171875)
+    rows = [[0.25, 0.0], [0.0, 0.0], [0.5, 0.5], [1.0, 1.0]]
+    std = 0.01171875**0.5
+    centered = DenseAdvantage()(dense_batch(rows, group_size=4))
+    assert_close(centered, expected([[0.1875 / (std + EPS)], [-0.0625 / (std + EPS)], [-0.0625 / (std + EPS)], [-0.0625 / (std + EPS)]]))
+    uncentered = DenseAdvantage(DenseAdvantage.Config(center=False))(dense_batch(rows, group_size=4))
+    assert_close(uncentered, expected([[0.25 / (std + EPS)], [0.0], [0.0], [0.0]]))
+    # a cell whose gains are all equal has no contrast: 0 in both modes, not gain / 1e-4
+    same = DenseAdvantage(DenseAdvantage.Config(center=False))(dense_batch([[1.0, 0.5], [0.5, 0.0]], group_size=2))
+    assert_close(same, expected([[0.0], [0.0]]))
+
+
 def test_dense_nan_reward_zeroes_the_gains_it_touches():
     # a: gains [1, 2]; b: R_1 = NaN -> both gains NaN; c = [1, 0, 0]: gains [0, 1]
     # k=0: valid {1, 0}: mean .5, std .5;  k=1: valid {2, 1}: mean 1.5, std .5

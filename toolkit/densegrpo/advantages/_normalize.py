@@ -54,7 +54,7 @@ class NormalizeStats:
 
 
 def group_normalize(
-    values: Tensor, group_size: int, std_scope: StdScope = "group", eps: float = STD_EPS
+    values: Tensor, group_size: int, std_scope: StdScope = "group", eps: float = STD_EPS, center: bool = True
 ) -> tuple[Tensor, NormalizeStats]:
     """Normalise ``values`` within each prompt group, column by column.
 
@@ -66,6 +66,8 @@ def group_normalize(
             std of all finite values of the batch in that column (Flow-GRPO ``global_std``).
             The mean is always the group's.
         eps: added to the std (``1e-4`` in both papers).
+        center: subtract the group mean (GRPO). ``False`` divides the values themselves by
+            the std, for values that are already differences against a baseline of their own.
 
     Returns:
         ``(advantages, stats)``: advantages float32 with the shape of ``values``.
@@ -95,7 +97,8 @@ def group_normalize(
         batch_var = (torch.where(valid, x - batch_mean, 0.0) ** 2).sum(dim=0) / batch_count
         std = batch_var.sqrt().unsqueeze(0).unsqueeze(0)  # broadcast over (B, G)
 
-    advantages = deviation / (std + eps)
+    numerator = deviation if center else torch.where(vg, xg, 0.0)
+    advantages = numerator / (std + eps)
     advantages = torch.where(vg & ~zero_variance.unsqueeze(1), advantages, 0.0)
     scored = count > 0  # a cell with no finite value at all (a state not scored) is left out
     stats = NormalizeStats(

@@ -3,6 +3,7 @@
 method.md section 3:
     dR_t^i = R_{t-1}^i - R_t^i                       (reward gain of the move x_t -> x_{t-1})
     A_t^i  = (dR_t^i - mean_group(dR_t)) / (std_group(dR_t) + 1e-4)
+With ``center: false`` the group mean is not subtracted: ``A_t^i = dR_t^i / (std_group(dR_t) + 1e-4)``.
 No discount and no return-to-go (those are ``dense-return``). ``sum_t dR_t = R_0 - R_T``.
 """
 
@@ -57,6 +58,12 @@ class DenseAdvantage:
     class Config(DenseEstimatorConfig):
         """Options of the dense estimator."""
 
+        center: bool = Field(
+            True,
+            description="Subtract the group mean of the gains (DenseGRPO). False: A = dR / std_group(dR), the gain "
+            "keeping only its own baseline R_t (the completion of x_t), so a step that changed nothing gets 0.",
+        )
+
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or self.Config()
         self.needs = RewardNeeds(dense=True, completion=self.config.completion, step_local=True)
@@ -67,7 +74,7 @@ class DenseAdvantage:
         check_batch(rewards, dense=True, estimator="dense advantage")
         assert rewards.dense is not None
         gains = dense_gains(rewards)  # (N, T), step-aligned
-        advantages, stats = group_normalize(gains, rewards.group_size, "group")
+        advantages, stats = group_normalize(gains, rewards.group_size, "group", center=self.config.center)
         nan_rewards = int((~torch.isfinite(rewards.dense)).sum())
         self.last_stats = summarize(advantages, stats, nan_rewards=nan_rewards)
         return advantages
