@@ -16,7 +16,6 @@ The base is the run's own config with no trained weights: the same policy, first
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from densegrpo import registry
-    from densegrpo.evaluate import generate, load_prompt_records
+    from densegrpo.evaluate import generate, load_prompt_records, paired_gain
     from densegrpo.runs import config_or_run, load_policy
 
     for run in args.runs.split(","):
@@ -52,12 +51,11 @@ def main() -> None:
         base = scores(load_policy(config))
         trained = scores(load_policy(config, run_dir))
         valid = ~(torch.isnan(base) | torch.isnan(trained))
-        diff = (trained - base)[valid]
-        se = float(diff.std()) / math.sqrt(diff.numel())
+        paired = paired_gain(base, trained)
         print(
             f"{run}: base {float(base[valid].mean()):.4f}, trained {float(trained[valid].mean()):.4f}, "
-            f"difference {float(diff.mean()):+.4f} +- {se:.4f} (standard error, {diff.numel()} paired images, "
-            f"{steps} ODE steps, seed {args.seed}); better {int((diff > 0).sum())}, worse {int((diff < 0).sum())}",
+            f"difference {paired.gain:+.4f} +- {paired.se:.4f} (standard error, {paired.images} paired images, "
+            f"{steps} ODE steps, seed {args.seed}); better {paired.better}, worse {paired.worse}",
             flush=True,
         )
 

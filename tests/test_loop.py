@@ -10,12 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from densegrpo import checkpoint as ckpt
 from densegrpo import config as cfg
-from densegrpo.train import Trainer, run_training
+from densegrpo.evaluate import paired_gain
+from densegrpo.train import Trainer, load_eval_base, run_training
 
 TESTS = Path(__file__).parent
 ANALYTIC = [
@@ -94,6 +97,39 @@ def test_evaluation_scores_every_image_of_every_prompt(tmp_path, monkeypatch):
     images = real(seen[0])
     assert not torch.equal(images[0], images[1])
     assert score == pytest.approx(float(BrightnessReward()(images, seen[0], None).mean()), abs=1e-6)
+
+
+def test_paired_gain_on_a_hand_computed_example():
+    base = torch.tensor([0.5, 1.0, float("nan"), 0.0])
+    current = torch.tensor([0.75, 0.5, 1.0, 0.25])
+    paired = paired_gain(base, current)  # differences 0.25, -0.5, 0.25 (the NaN pair is dropped)
+    assert paired.images == 3 and paired.better == 2 and paired.worse == 1
+    assert paired.gain == pytest.approx(0.0, abs=1e-12)
+    # sample std sqrt((0.0625 + 0.25 + 0.0625) / 2) = sqrt(0.1875), over sqrt(3)
+    assert paired.se == pytest.approx(0.1875**0.5 / 3**0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="one shape"):
+        paired_gain(base, current[:3])
+
+
+def test_logged_eval_gain_is_paired_with_the_base_and_survives_resume(tmp_path):
+    run = tmp_path / "run"
+    sets = ("advantage.name=sparse", "calibrator.name=uniform", "logging.sample_every=2", "checkpoint_every=2", "logging.eval_images_per_prompt=2")
+    run_training(analytic_config(*sets, "iterations=2"), run)
+    run_training(analytic_config(*sets, "iterations=4"), run, resume=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    base_mean = rows[0]["eval_reward_base"]
+    evaluated = [r for r in rows if "eval_reward" in r]
+    assert [r["iteration"] for r in evaluated] == [1, 3]
+    for r in evaluated:  # no NaN rewards here, so the mean of the differences is the difference of the means
+        assert r["eval_gain"] == pytest.approx(r["eval_reward"] - base_mean, abs=1e-5)
+    # the last gain's standard error, recomputed with numpy from a fresh evaluation of the checkpoint
+    trainer = Trainer(analytic_config(*sets, "iterations=4"), tmp_path / "again")
+    trainer.restore(ckpt.latest(run))
+    diff = (trainer.eval_scores() - load_eval_base(run)).double().numpy()
+    assert diff.size == 8 and diff.std() > 0
+    assert evaluated[-1]["eval_gain_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(diff.size), rel=1e-4)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_gain_final"] == evaluated[-1]["eval_gain"]
 
 
 def test_one_optimizer_step_changes_trainable_and_not_frozen(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,42 @@ def evaluate_policy(
         "overall": {mode: _nanmean(scores[mode]) for mode in modes},
         "per_tag": {tag: {m: _nanmean(torch.tensor(v)) for m, v in values.items()} for tag, values in sorted(per_tag.items())},
     }
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """Mean per-image change of a score against a base scored on the same noise.
+
+    Attributes:
+        gain: mean of ``current - base`` over the images both scored (not NaN).
+        se: its standard error, ``std(current - base) / sqrt(images)`` (NaN below 2 images).
+        images: images in the comparison.
+        better: images whose score went up.
+        worse: images whose score went down.
+    """
+
+    gain: float
+    se: float
+    images: int
+    better: int
+    worse: int
+
+
+def paired_gain(base: Tensor, current: Tensor) -> PairedGain:
+    """Compare per-image scores ``current (M,)`` with ``base (M,)`` from the same initial noise.
+
+    Pairing removes the spread between images (a hard prompt is hard for both), so the
+    standard error is that of the per-image differences, far below an unpaired one.
+    """
+    if base.shape != current.shape:
+        raise ValueError(f"paired scores must have one shape, got {tuple(base.shape)} and {tuple(current.shape)}")
+    base, current = base.double().flatten(), current.double().flatten()
+    valid = ~(torch.isnan(base) | torch.isnan(current))
+    diff = (current - base)[valid]
+    images = int(diff.numel())
+    gain = float(diff.mean()) if images else math.nan
+    se = float(diff.std()) / math.sqrt(images) if images >= 2 else math.nan
+    return PairedGain(gain, se, images, int((diff > 0).sum()), int((diff < 0).sum()))
 
 
 def _nanmean(values: Tensor) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) -> Path:
     """Training reward (per iteration and its ``window``-iteration moving average) and ODE
-    evaluation reward against iteration. The spread of single samples (``reward_std``) is left
-    out: it is as wide as the reward's range and would hide the trend of the mean."""
+    evaluation reward against iteration, with error bars of the paired standard error of its
+    gain over the base (``eval_gain_se``) when the rows have it. The spread of single samples
+    (``reward_std``) is left out: it is as wide as the reward's range and would hide the trend
+    of the mean."""
     iterations = np.array([r["iteration"] + 1 for r in rows])
     mean = np.array([r["reward_mean"] for r in rows], dtype=float)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -43,13 +46,18 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) 
     if len(rows) >= 2:
         ax.plot(iterations, moving_average(mean, window), color="tab:blue", linewidth=2.2,
                 label=f"train reward, mean of the last {window} iterations")
-    evals = [(r["iteration"] + 1, r["eval_reward"]) for r in rows if "eval_reward" in r]
+    evals = [(r["iteration"] + 1, r["eval_reward"], r.get("eval_gain_se", math.nan)) for r in rows if "eval_reward" in r]
     base = [r["eval_reward_base"] for r in rows if "eval_reward_base" in r]
     if base:
-        evals = [(0, base[0])] + evals
+        evals = [(0, base[0], 0.0)] + evals
+        ax.axhline(base[0], color="tab:red", linestyle=":", linewidth=1, alpha=0.7, label="eval reward of the base policy")
     if evals:
-        xs, ys = zip(*evals)
-        ax.plot(xs, ys, "o-", color="tab:red", label="eval reward (ODE, test prompts)")
+        xs, ys, se = zip(*evals)
+        if all(math.isfinite(v) for v in se):
+            ax.errorbar(xs, ys, yerr=se, fmt="o-", color="tab:red", capsize=3,
+                        label="eval reward (ODE, test prompts), ± paired standard error of its gain")
+        else:
+            ax.plot(xs, ys, "o-", color="tab:red", label="eval reward (ODE, test prompts)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)

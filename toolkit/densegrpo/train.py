@@ -23,7 +23,7 @@ from densegrpo.build import Components, build
 from densegrpo.dense import DenseRewardEngine
 from densegrpo.distributed import DataParallel, World, init_world, shutdown
 from densegrpo.errors import UserError
-from densegrpo.evaluate import generate, load_prompt_records
+from densegrpo.evaluate import generate, load_prompt_records, paired_gain
 from densegrpo.grpo import (
     Batch,
     RewardScorer,
@@ -41,6 +41,8 @@ from densegrpo.sigmas import make_sigmas
 
 TRAIN_STREAM, CALIBRATION_STREAM = 1, 2
 METRICS = "metrics.jsonl"
+EVAL_BASE = "eval_base.json"
+"""Per-image evaluation rewards of the untrained policy, kept so a resumed run still logs ``eval_gain``."""
 
 
 def calibration_rounds(calibrator: Any) -> int:
@@ -265,6 +267,13 @@ class Trainer:
     # ---- evaluation and pictures --------------------------------------------------------
 
     def evaluate(self) -> float | None:
+        """Mean evaluation reward (``eval_reward``); ``None`` when ``logging.eval_prompts`` is 0."""
+        scores = self.eval_scores()
+        return None if scores is None else _nanmean(scores)
+
+    def eval_scores(self) -> torch.Tensor | None:
+        """Per-image evaluation rewards ``(eval_prompts * eval_images_per_prompt,)``: ODE samples of
+        the first test prompts from the fixed noise of ``seed``, so two calls pair image by image."""
         count = self.config.logging.eval_prompts
         if count == 0:
             return None
@@ -272,7 +281,7 @@ class Trainer:
         records = [r for r in self.test_records[:count] for _ in range(per_prompt)]
         images = self._eval_images([r["prompt"] for r in records])
         rewards = RewardScorer(self.parts.rewards, [r["prompt"] for r in records], [r if "include" in r else None for r in records])
-        return _nanmean(rewards(images, torch.arange(len(records))))
+        return rewards(images, torch.arange(len(records))).float()
 
     def _eval_images(self, prompts: list[str]) -> torch.Tensor:
         context = self._ema_weights() if self.ema is not None else nullcontext()
@@ -309,6 +318,24 @@ def _with_dense(scored, dense):
 
 def _state_dict(component: Any) -> Any:
     return component.state_dict() if hasattr(component, "state_dict") else None
+
+
+def save_eval_base(run_dir: Path, scores: torch.Tensor) -> None:
+    """Write the base policy's per-image evaluation rewards (NaN as null), atomically."""
+    values = [None if math.isnan(v) else v for v in scores.double().tolist()]
+    path = Path(run_dir) / EVAL_BASE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"scores": values}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_eval_base(run_dir: Path) -> torch.Tensor | None:
+    """The scores :func:`save_eval_base` wrote, or ``None`` for a run without them."""
+    path = Path(run_dir) / EVAL_BASE
+    if not path.exists():
+        return None
+    values = json.loads(path.read_text(encoding="utf-8"))["scores"]
+    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -385,7 +412,12 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
             plots.plot_calibration(history, run_dir / "calibration.png", uniform=_uniform_level(trainer.parts.calibrator))
     if trainer.iteration == 0:
         trainer.write_samples(0)
-    eval_base = trainer.evaluate() if trainer.shares_rank0_work and trainer.iteration == 0 else None
+    base_scores = None
+    if trainer.shares_rank0_work:
+        base_scores = trainer.eval_scores() if trainer.iteration == 0 else load_eval_base(run_dir)
+        if base_scores is not None and trainer.iteration == 0 and world.is_main:
+            save_eval_base(run_dir, base_scores)
+    eval_base = _nanmean(base_scores) if base_scores is not None and trainer.iteration == 0 else None
     progress = tqdm(
         total=config.iterations,
         initial=trainer.iteration,
@@ -409,9 +441,13 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
         last = trainer.iteration == config.iterations
         sample_every = config.logging.sample_every
         if trainer.shares_rank0_work and (last or (sample_every and trainer.iteration % sample_every == 0)):
-            evaluated = trainer.evaluate()
-            if evaluated is not None:
-                record["eval_reward"] = evaluated
+            scores = trainer.eval_scores()
+            if scores is not None:
+                record["eval_reward"] = _nanmean(scores)
+                if base_scores is not None and base_scores.shape == scores.shape:
+                    paired = paired_gain(base_scores, scores)
+                    record["eval_gain"] = paired.gain
+                    record["eval_gain_se"] = paired.se
             trainer.write_samples(trainer.iteration)
         # wall_s: training compute (calibration, rollouts, rewards, updates), without evaluation
         # and picture writing, so budgets compare methods fairly; elapsed_s: everything.
@@ -435,7 +471,12 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
             plots.plot_reward_curve(rows, run_dir / "reward_curve.png")
             evals = [r["eval_reward"] for r in rows if "eval_reward" in r]
             base = next((r["eval_reward_base"] for r in rows if "eval_reward_base" in r), None)
-            summary.update({"reward_first": rows[0]["reward_mean"], "reward_last": rows[-1]["reward_mean"], "eval_reward_base": base, "eval_reward_final": evals[-1] if evals else None})
+            gains = [(r["eval_gain"], r["eval_gain_se"]) for r in rows if "eval_gain" in r]
+            summary.update({
+                "reward_first": rows[0]["reward_mean"], "reward_last": rows[-1]["reward_mean"], "eval_reward_base": base,
+                "eval_reward_final": evals[-1] if evals else None,
+                "eval_gain_final": gains[-1][0] if gains else None, "eval_gain_se_final": gains[-1][1] if gains else None,
+            })
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
