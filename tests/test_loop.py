@@ -257,3 +257,28 @@ def test_ema_weights_are_used_for_evaluation_and_trained_weights_restored(tmp_pa
     trainer.evaluate()
     assert torch.equal(seen[0]["mu"], trainer.ema["mu"]) and not torch.equal(trainer.ema["mu"], trained)
     assert torch.equal(trainer.policy.mu.detach(), trained)
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    run_training(analytic_config("iterations=3", "advantage.name=dense", "calibrator.name=uniform", "logging.tensorboard=true"), run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = events.Scalars("reward_mean")
+    assert [e.step for e in logged] == [0, 1, 2]
+    assert [e.value for e in logged] == pytest.approx([r["reward_mean"] for r in rows], rel=1e-6)
+    per_step = events.Scalars("noise_level/k1")
+    assert [e.value for e in per_step] == pytest.approx([r["noise_level"][1] for r in rows], rel=1e-6)
+    assert "eval_gain" in events.Tags()["scalars"]
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    from densegrpo.errors import UserError
+    from densegrpo.train import open_tensorboard
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    with pytest.raises(UserError, match="pip install 'densegrpo\\[tensorboard\\]'"):
+        open_tensorboard(tmp_path)

@@ -320,6 +320,34 @@ def _state_dict(component: Any) -> Any:
     return component.state_dict() if hasattr(component, "state_dict") else None
 
 
+def open_tensorboard(run_dir: Path, purge_step: int | None = None) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``run_dir/tensorboard``; ``purge_step`` (the iteration a
+    resumed run starts at) drops the events a killed run wrote after its last checkpoint."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise UserError(
+            "logging.tensorboard=true needs the tensorboard package: pip install 'densegrpo[tensorboard]' "
+            "(or set logging.tensorboard=false)"
+        ) from error
+    return SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step or None)
+
+
+def write_scalars(board: Any, record: dict[str, Any]) -> None:
+    """One iteration's metrics as TensorBoard scalars at step ``iteration``: numbers as they
+    are, per-step lists (``noise_level``, ``dense_gain_mean``, ...) as ``name/k<step>``."""
+    step = int(record["iteration"])
+    for key, value in record.items():
+        if key == "iteration":
+            continue
+        values = value if isinstance(value, list) else [value]
+        for k, item in enumerate(values):
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+                continue
+            board.add_scalar(f"{key}/k{k}" if isinstance(value, list) else key, item, step)
+    board.flush()
+
+
 def save_eval_base(run_dir: Path, scores: torch.Tensor) -> None:
     """Write the base policy's per-image evaluation rewards (NaN as null), atomically."""
     values = [None if math.isnan(v) else v for v in scores.double().tolist()]
@@ -393,6 +421,7 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
             trainer.restore(folder)
         if world.is_main:
             _truncate_metrics(metrics_path, trainer.iteration)
+    board = open_tensorboard(run_dir, purge_step=trainer.iteration) if config.logging.tensorboard and world.is_main else None
     start_elapsed = trainer.totals["elapsed_s"]
     trainer_start = trainer.iteration
     started = time.perf_counter()
@@ -458,12 +487,16 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
         if world.is_main:
             with open(metrics_path, "a", encoding="utf-8") as stream:
                 stream.write(json.dumps(record) + "\n")
+        if board is not None:
+            write_scalars(board, record)
         if last or (every and trainer.iteration % every == 0):
             trainer.save_checkpoint()
             world.barrier()
         progress.update(1)
         progress.set_postfix(reward=f"{record['reward_mean']:.3f}", nfe=record["nfe"])
     progress.close()
+    if board is not None:
+        board.close()
     summary: dict[str, Any] = {"run_dir": str(run_dir), "iterations": trainer.iteration, **trainer.totals}
     if world.is_main:
         rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
