@@ -29,11 +29,30 @@ from tempfile import TemporaryDirectory
 import torch
 
 
-def step_gradients(trainer, scored, advantages: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{estimator: (T, P)}``: the surrogate's gradient for each step ``k`` separately."""
+def rollout_with_advantages(trainer, iteration: int, groups: int, group_size: int, same_noise: bool, estimators: dict) -> tuple:
+    """A fresh batch of ``groups x group_size`` training prompts at ``iteration``, rolled out with
+    the trainer's sampler and noise level, scored densely, and its advantages ``(N, T)`` for each
+    of ``estimators``: ``(batch, scored, {name: advantages})``."""
+    from densegrpo.grpo import compute_advantages, rollout_and_score
+    from densegrpo.noise import generator_for
+    from densegrpo.train import TRAIN_STREAM
+
+    noise_level = trainer.parts.calibrator.noise_level(trainer.sigmas)
+    batch = trainer.make_batch(iteration, TRAIN_STREAM, groups, group_size, same_noise)
+    scored = rollout_and_score(
+        trainer.policy, trainer.parts.sampler, trainer.scorer(batch), batch, trainer.sigmas, noise_level,
+        trainer.world, trainer.engine, generator=generator_for(trainer.config.seed, TRAIN_STREAM, iteration),
+    )
+    clip = trainer.config.train.advantage_clip
+    return batch, scored, {name: compute_advantages(e, scored, group_size, clip) for name, e in estimators.items()}
+
+
+def step_gradients(trainer, scored, advantages: dict[str, torch.Tensor], steps: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """``{estimator: (len(steps), P)}``: the surrogate's gradient for each step ``k`` of ``steps``
+    (default: every step) separately, flattened over the trainable weights."""
     params = trainer.policy.trainable_parameters()
     per: dict[str, list[torch.Tensor]] = {name: [] for name in advantages}
-    for k in range(scored.traj.num_steps):
+    for k in (range(scored.traj.num_steps) if steps is None else steps):
         log_prob, _ = trainer.parts.sampler.log_prob(trainer.policy, scored.traj, k)
         ratio = torch.exp(log_prob - scored.traj.log_probs[:, k])
         for name, adv in advantages.items():
@@ -63,9 +82,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from densegrpo import config as cfg, registry
-    from densegrpo.grpo import compute_advantages, rollout_and_score
-    from densegrpo.noise import generator_for
-    from densegrpo.train import TRAIN_STREAM, Trainer
+    from densegrpo.train import Trainer
 
     config = cfg.resolve(
         None,
@@ -81,16 +98,10 @@ def main() -> None:
     gradients: dict[str, list[torch.Tensor]] = {name: [] for name in estimators}
     with TemporaryDirectory() as run_dir:
         trainer = Trainer(config, Path(run_dir))
-        noise_level = trainer.parts.calibrator.noise_level(trainer.sigmas)
         for b in range(args.batches):
             started = time.perf_counter()
             iteration = 1000 + b  # away from the iterations of a default run
-            batch = trainer.make_batch(iteration, TRAIN_STREAM, args.groups, args.group_size, args.same_noise)
-            scored = rollout_and_score(
-                trainer.policy, trainer.parts.sampler, trainer.scorer(batch), batch, trainer.sigmas, noise_level,
-                trainer.world, trainer.engine, generator=generator_for(config.seed, TRAIN_STREAM, iteration),
-            )
-            advantages = {name: compute_advantages(e, scored, args.group_size, config.train.advantage_clip) for name, e in estimators.items()}
+            batch, scored, advantages = rollout_with_advantages(trainer, iteration, args.groups, args.group_size, args.same_noise, estimators)
             for name, grads in step_gradients(trainer, scored, advantages).items():
                 gradients[name].append(grads)
             print(f"batch {b}: {len(batch.prompts)} samples, reward {float(scored.terminal.mean()):.3f}, {time.perf_counter() - started:.0f} s", flush=True)

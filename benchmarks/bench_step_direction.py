@@ -52,11 +52,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from bench_gradient_signal import rollout_with_advantages, step_gradients  # benchmarks/ is on sys.path when run as a script
     from densegrpo import config as cfg, registry
     from densegrpo.evaluate import evaluate_policy
-    from densegrpo.grpo import compute_advantages, rollout_and_score
-    from densegrpo.noise import generator_for
-    from densegrpo.train import TRAIN_STREAM, Trainer
+    from densegrpo.train import Trainer
 
     config = cfg.resolve(None, [
         "calibrator.name=uniform", f"calibrator.config.noise_level={args.noise_level}",
@@ -69,29 +68,17 @@ def main() -> None:
     with TemporaryDirectory() as run_dir:
         trainer = Trainer(config, Path(run_dir))
         params = trainer.policy.trainable_parameters()
-        noise_level = trainer.parts.calibrator.noise_level(trainer.sigmas)
-        sums = {name: [torch.zeros_like(p) for p in params] for name in (*estimators, "shuffled")}
+        directions = {name: torch.zeros(sum(p.numel() for p in params)) for name in (*estimators, "shuffled")}
         shuffle = torch.Generator().manual_seed(1)
         for chunk in range(args.groups // args.chunk):
             iteration = 2000 + chunk  # away from the iterations of a default run
-            batch = trainer.make_batch(iteration, TRAIN_STREAM, args.chunk, args.group_size, args.same_noise)
-            scored = rollout_and_score(
-                trainer.policy, trainer.parts.sampler, trainer.scorer(batch), batch, trainer.sigmas, noise_level,
-                trainer.world, trainer.engine, generator=generator_for(config.seed, TRAIN_STREAM, iteration),
-            )
-            advantages = {name: compute_advantages(e, scored, args.group_size, config.train.advantage_clip) for name, e in estimators.items()}
+            batch, scored, advantages = rollout_with_advantages(trainer, iteration, args.chunk, args.group_size, args.same_noise, estimators)
             advantages["shuffled"] = advantages["dense"][torch.randperm(len(batch.prompts), generator=shuffle)]
-            for k in steps:
-                log_prob, _ = trainer.parts.sampler.log_prob(trainer.policy, scored.traj, k)
-                ratio = torch.exp(log_prob - scored.traj.log_probs[:, k])
-                for name, total in sums.items():
-                    grads = torch.autograd.grad(-(advantages[name][:, k] * ratio).mean(), params, retain_graph=True)
-                    for acc, g in zip(total, grads):
-                        acc.add_(g)
+            for name, per_step in step_gradients(trainer, scored, advantages, steps).items():
+                directions[name] += per_step.sum(dim=0)
             print(f"chunk {chunk}: {len(batch.prompts)} samples, reward {float(scored.terminal.mean()):.3f}, "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
 
-        directions = {name: torch.cat([g.flatten() for g in total]) for name, total in sums.items()}
         has_gradient = directions["dense"] != 0
         directions["random"] = torch.randn(directions["dense"].shape, generator=torch.Generator().manual_seed(0)) * has_gradient
         cosine = float(torch.nn.functional.cosine_similarity(directions["dense"], directions["sparse"], dim=0))
