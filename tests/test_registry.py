@@ -14,7 +14,7 @@ from conftest import make_fake_distribution
 
 BUILTINS = {
     "policies": {"toy", "sd3", "flux"},
-    "samplers": {"ode", "flow-sde", "cps", "sde-window"},
+    "samplers": {"ode", "flow-sde", "cps", "sde-window", "coarse-sde"},
     "rewards": {"toy-geneval", "toy-clip"},
     "advantages": {"sparse", "dense", "dense-raw", "dense-return"},
     "calibrators": {"uniform", "reward-aware"},

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from densegrpo import registry
-from densegrpo.samplers._gaussian import flow_sde_std
+from densegrpo.samplers._gaussian import flow_sde_mean, flow_sde_std
+from densegrpo.samplers.coarse_sde import CoarseSDESampler
 from densegrpo.samplers.cps import CPSSampler
 from densegrpo.samplers.flow_sde import FlowSDESampler
 from densegrpo.samplers.ode import ODESampler
@@ -69,6 +70,7 @@ ALL_SAMPLERS = {
     "flow-sde": lambda: FlowSDESampler(),
     "cps": lambda: CPSSampler(),
     "sde-window": lambda: SDEWindowSampler(SDEWindowSampler.Config(window_size=3, seed=1)),
+    "coarse-sde": lambda: CoarseSDESampler(),
 }
 
 
@@ -148,11 +150,31 @@ def test_wrong_cps_coefficient_fails() -> None:
     assert float(((sd - true_sd) / true_sd)[1:-1].abs().max()) > 0.1
 
 
+@pytest.mark.parametrize("block", [2, 4])
+def test_coarse_sde_preserves_marginal_on_fine_grid(block: int) -> None:
+    sampler = CoarseSDESampler(CoarseSDESampler.Config(block=block))
+    sigmas, mean, sd, true_mean, true_sd = rollout_stats(sampler, 200, 0.7)
+    rel = ((sd - true_sd) / true_sd).abs()
+    assert float(rel[sigmas.double() <= 0.95].max()) < 0.03, rel
+    assert mean_within_sampling_error(mean, true_mean, true_sd, 512 * 64)
+    assert abs(float(sd[-1]) - S) < 0.01
+
+
+def test_coarse_sde_with_unprojected_correction_fails_the_marginal_check() -> None:
+    # Flow-GRPO's full score correction with noise in a quarter of the dims: the other
+    # directions are contracted with nothing to refill them, so the final std collapses.
+    sampler = CoarseSDESampler(CoarseSDESampler.Config(block=2))
+    sampler.sde_mean = flow_sde_mean
+    sigmas, _, sd, _, true_sd = rollout_stats(sampler, 200, 0.7)
+    assert float(((sd - true_sd) / true_sd).abs()[sigmas.double() <= 0.95].max()) > 0.2
+    assert float(sd[-1]) < 0.3
+
+
 # -- exactness of each step --------------------------------------------------------------
 
 def test_noise_level_zero_flow_sde_equals_ode() -> None:
     _, _, ode = small_rollout("ode", noise_level=0.0)
-    for name in ("flow-sde", "cps", "sde-window"):
+    for name in ("flow-sde", "cps", "sde-window", "coarse-sde"):
         _, _, sde = small_rollout(name, noise_level=0.0)
         assert torch.allclose(sde.latents, ode.latents, atol=1e-6, rtol=0), name
         assert not bool(sde.trained_steps.any()) and bool((sde.log_probs == 0).all())
@@ -207,6 +229,55 @@ def test_log_probs_match_torch_distributions(name: str) -> None:
     assert (traj.trained_steps == traj.trained_steps[:1]).all()  # same steps for every sample
 
 
+def block_basis(channels: int, h: int, w: int, block: int) -> torch.Tensor:
+    """``U (C*h*w, d)`` float64, written out: one column per (channel, square), 1/block on the
+    square's pixels; its columns are orthonormal."""
+    columns = []
+    for c in range(channels):
+        for i in range(0, h, block):
+            for j in range(0, w, block):
+                column = torch.zeros(channels, h, w, dtype=torch.float64)
+                column[c, i : i + block, j : j + block] = 1.0 / block
+                columns.append(column.flatten())
+    return torch.stack(columns, dim=1)
+
+
+def test_coarse_sde_step_matches_its_subspace_gaussian() -> None:
+    policy, sampler, traj = small_rollout("coarse-sde")
+    sigmas = traj.sigmas.tolist()
+    cap = sigmas[1]
+    U = block_basis(3, 4, 4, 2)  # d = 12 of D = 48
+    assert torch.allclose(U.T @ U, torch.eye(12, dtype=torch.float64))
+    P = U @ U.T
+    for k in range(traj.num_steps):
+        x, x_next = traj.latents[:, k].double().flatten(1), traj.latents[:, k + 1].double().flatten(1)
+        v = traj.velocities[:, k].double().flatten(1)
+        s, sn, a = sigmas[k], sigmas[k + 1], float(traj.noise_level[k])
+        std_t = a * math.sqrt(s / (1 - (cap if s == 1.0 else s)))
+        dt = sn - s
+        mean = x + v * dt + (std_t**2 / (2 * s)) * dt * (x + (1 - s) * v) @ P
+        std = std_t * math.sqrt(-dt)
+        assert torch.allclose(traj.means[:, k].double().flatten(1), mean, atol=1e-5)
+        residual = x_next - mean
+        assert float((residual - residual @ P).abs().max()) < 1e-5  # the noise lies in range(P)
+        assert float(residual.abs().max()) > 10 * 1e-5 or std < 1e-4
+        density = torch.distributions.MultivariateNormal(mean @ U, covariance_matrix=std**2 * torch.eye(12, dtype=torch.float64))
+        expected = density.log_prob(x_next @ U) / 12
+        assert torch.allclose(traj.log_probs[:, k].double(), expected, atol=1e-4, rtol=1e-6)
+
+
+def test_coarse_sde_block_one_is_flow_sde() -> None:
+    _, _, flow = small_rollout("flow-sde", seed=2)
+    _, _, coarse = small_rollout("coarse-sde", seed=2, sampler=CoarseSDESampler(CoarseSDESampler.Config(block=1)))
+    assert torch.allclose(coarse.latents, flow.latents, atol=1e-5)
+    assert torch.allclose(coarse.log_probs, flow.log_probs, atol=1e-4)
+
+
+def test_coarse_sde_rejects_a_block_that_does_not_divide_the_latent() -> None:
+    with pytest.raises(ValueError, match="divide"):
+        small_rollout("coarse-sde", sampler=CoarseSDESampler(CoarseSDESampler.Config(block=3)))
+
+
 @pytest.mark.parametrize("name", list(ALL_SAMPLERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recomputed_log_prob_gives_ratio_exactly_one(name: str, dtype) -> None:
@@ -238,7 +309,7 @@ def test_flow_sde_last_step_is_sampled_with_finite_log_prob() -> None:
 
 # -- reproducibility, noise handling, windows --------------------------------------------
 
-@pytest.mark.parametrize("name", ["flow-sde", "cps", "sde-window"])
+@pytest.mark.parametrize("name", ["flow-sde", "cps", "sde-window", "coarse-sde"])
 def test_seeded_rollouts_are_reproducible(name: str) -> None:
     _, _, first = small_rollout(name, seed=3)
     _, _, again = small_rollout(name, seed=3)
@@ -388,7 +459,7 @@ def _tiny_sd3_policy():
     return TinySD3(), model
 
 
-@pytest.mark.parametrize("name", ["flow-sde", "cps", "sde-window"])
+@pytest.mark.parametrize("name", ["flow-sde", "cps", "sde-window", "coarse-sde"])
 def test_ratio_is_exactly_one_with_a_diffusers_transformer(name: str) -> None:
     policy, model = _tiny_sd3_policy()
     sampler = ALL_SAMPLERS[name]()

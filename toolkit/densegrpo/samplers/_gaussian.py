@@ -103,6 +103,58 @@ def cps_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_level:
     return torch.add(x * (1.0 - sigma_next + c), v, alpha=-sigma * (1.0 - sigma_next) + (1.0 - sigma) * c)
 
 
+def block_spread(eps: Tensor, block: int) -> Tensor:
+    """``P eps``: the orthogonal projection of ``eps (..., h, w)`` onto images that are constant
+    over ``block x block`` pixel squares (each square gets its mean); ``block = 1`` is the identity.
+
+    The subspace has ``d = C (h / block) (w / block)`` dimensions and the orthonormal basis
+    ``U`` of square indicators divided by ``block``, so ``P = U U^T``. For ``eps ~ N(0, I)``,
+    ``P eps ~ N(0, P)``: unit variance along each of the ``d`` directions, none elsewhere.
+    """
+    if block == 1:
+        return eps
+    return block_coordinates(eps, block).repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1) / block
+
+
+def block_coordinates(residual: Tensor, block: int) -> Tensor:
+    """``U^T r``: the ``d`` coordinates ``(..., h / block, w / block)`` of ``residual (..., h, w)``
+    in the block-constant subspace (each square's sum divided by ``block``)."""
+    if block == 1:
+        return residual
+    *lead, h, w = residual.shape
+    if h % block or w % block:
+        raise ValueError(f"noise block {block} must divide the latent's height and width, got {h} x {w}.")
+    squares = residual.reshape(*lead, h // block, block, w // block, block)
+    return squares.sum(dim=(-3, -1)) / block
+
+
+def block_log_prob(x_next: Tensor, mean: Tensor, std: float, block: int) -> Tensor:
+    """``log N(U^T x_next; U^T mean, std^2 I_d)`` averaged over the ``d`` subspace dims -> ``(N,)``:
+    the density of a step whose noise is ``std * P eps`` (see :func:`block_spread`), in the
+    coordinates where it is non-degenerate. ``block = 1`` is :func:`gaussian_log_prob`."""
+    if block == 1:
+        return gaussian_log_prob(x_next, mean, std)
+    coordinates = block_coordinates(x_next.to(torch.float32) - mean, block)
+    square = coordinates.square().flatten(1).mean(dim=1)
+    return square * (-0.5 / std**2) - (math.log(std) + LOG_SQRT_2PI)
+
+
+def block_flow_sde_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_level: float,
+                        cap: float, block: int = 1) -> Tensor:
+    """Flow-SDE mean for noise confined to the block-constant subspace:
+    ``x + v dt + d dt P (x + (1 - sigma) v)`` with ``d = std_t^2 / (2 sigma)``.
+
+    The Fokker-Planck equation of ``dx = f dt + g P dW`` keeps the flow's marginals when
+    ``f = v - (g^2 / 2) P grad log p_t``: the score correction acts only where the noise does.
+    With ``grad log p_t = -(x + (1 - sigma) v) / sigma`` this is Flow-GRPO's correction
+    projected by ``P``; ``block = 1`` gives :func:`flow_sde_mean`.
+    """
+    dt = sigma_next - sigma
+    drift = flow_sde_std(sigma, noise_level, cap) ** 2 / (2.0 * sigma)
+    correction = block_spread(torch.add(x, v, alpha=1.0 - sigma), block)
+    return torch.add(torch.add(x, v, alpha=dt), correction, alpha=drift * dt)
+
+
 def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: float) -> Tensor:
     """``log N(x_next; mean, std^2 I)`` averaged over every non-batch dim -> ``(N,)`` float32:
     ``-mean((x_next - mean)^2) / (2 std^2) - log(std) - log(sqrt(2 pi))``."""
@@ -150,6 +202,7 @@ def gaussian_rollout(
     *,
     step_noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise_block: int = 1,
 ) -> Trajectory:
     """Run ``T`` Gaussian transitions from ``noise (N,C,h,w)`` and record everything.
 
@@ -157,6 +210,9 @@ def gaussian_rollout(
         step_std: ``(T,)`` float32, the transition std of every step (``0`` = Euler step);
             its float32 values are the stds used.
         sde_mean: the stochastic steps' mean function (see :data:`SDEMean`).
+        noise_block: the step noise is ``step_std * P eps`` with ``P`` the projection onto
+            ``noise_block``-square-constant images (:func:`block_spread`; 1: isotropic noise),
+            and the log-prob is :func:`block_log_prob`.
 
     Returns:
         a :class:`Trajectory`; ``trained_steps[:, k] = step_std[k] > 0``.
@@ -191,8 +247,8 @@ def gaussian_rollout(
             v = velocity_f32(policy, x, sigma, cond)
             if stds[k] > 0:
                 mean = sde_mean(x, v, sigma, sigma_next, levels[k], cap)
-                x_next = torch.add(mean, draws[:, k], alpha=stds[k])
-                log_prob = gaussian_log_prob(x_next, mean, stds[k])
+                x_next = torch.add(mean, block_spread(draws[:, k], noise_block), alpha=stds[k])
+                log_prob = block_log_prob(x_next, mean, stds[k], noise_block)
             else:
                 mean = euler_mean(x, v, sigma, sigma_next)
                 x_next = mean
@@ -217,7 +273,7 @@ def gaussian_rollout(
 
 
 def gaussian_step_log_prob(
-    policy: Policy, traj: Trajectory, step: int, sde_mean: SDEMean
+    policy: Policy, traj: Trajectory, step: int, sde_mean: SDEMean, noise_block: int = 1
 ) -> tuple[Tensor, Tensor]:
     """Recompute step ``k``'s ``(log_prob (N,), mean (N,C,h,w))`` with gradients.
 
@@ -237,12 +293,16 @@ def gaussian_step_log_prob(
     if std > 0:
         level = float(traj.noise_level[k])
         mean = sde_mean(x, v, sigma, sigma_next, level, sigma_cap(grid))
-        return gaussian_log_prob(traj.latents[:, k + 1], mean, std), mean
+        return block_log_prob(traj.latents[:, k + 1], mean, std, noise_block), mean
     mean = euler_mean(x, v, sigma, sigma_next)
     return 0.0 * mean.flatten(1).sum(dim=1), mean
 
 
 __all__ = [
+    "block_coordinates",
+    "block_flow_sde_mean",
+    "block_log_prob",
+    "block_spread",
     "check_grid",
     "cps_mean",
     "cps_std",
