@@ -132,6 +132,41 @@ def test_logged_eval_gain_is_paired_with_the_base_and_survives_resume(tmp_path):
     assert summary["eval_gain_final"] == evaluated[-1]["eval_gain"]
 
 
+def test_training_prompt_evaluation_scores_the_training_prompts_and_survives_resume(tmp_path, monkeypatch):
+    sets = ("advantage.name=sparse", "calibrator.name=uniform", "logging.sample_every=2", "checkpoint_every=2",
+            "logging.eval_prompts=3", "logging.eval_images_per_prompt=2", "logging.train_eval_images_per_prompt=3")
+    trainer = Trainer(analytic_config(*sets), tmp_path / "probe")
+    seen = []
+    real = trainer._eval_images
+    monkeypatch.setattr(trainer, "_eval_images", lambda prompts: (seen.append(list(prompts)), real(prompts))[1])
+    assert trainer.eval_scores("train").shape == (9,)
+    assert seen == [[r["prompt"] for r in trainer.train_records[:3] for _ in range(3)]]
+    assert seen[0] != [r["prompt"] for r in trainer.test_records[:3] for _ in range(3)]  # not the held-out prompts
+
+    run = tmp_path / "run"
+    run_training(analytic_config(*sets, "iterations=2"), run)
+    run_training(analytic_config(*sets, "iterations=4"), run, resume=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    base_mean = rows[0]["train_eval_reward_base"]
+    assert base_mean == pytest.approx(float(load_eval_base(run, "train_eval").mean()), abs=1e-6)
+    evaluated = [r for r in rows if "train_eval_reward" in r]
+    assert [r["iteration"] for r in evaluated] == [1, 3]
+    for r in evaluated:
+        assert r["train_eval_gain"] == pytest.approx(r["train_eval_reward"] - base_mean, abs=1e-5)
+        assert r["eval_gain"] == pytest.approx(r["eval_reward"] - rows[0]["eval_reward_base"], abs=1e-5)
+        assert np.isfinite(r["train_eval_gain_se"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_eval_gain_final"] == evaluated[-1]["train_eval_gain"]
+
+    # off (the default of train_eval_images_per_prompt is 0): no train_eval keys anywhere
+    plain = tmp_path / "plain"
+    run_training(analytic_config(*sets[:-1], "iterations=2"), plain)
+    rows = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("train_eval") for r in rows for k in r)
+    assert not any(k.startswith("train_eval") for k in json.loads((plain / "summary.json").read_text()))
+    assert not (plain / "train_eval_base.json").exists()
+
+
 def test_one_optimizer_step_changes_trainable_and_not_frozen(tmp_path):
     trainer = Trainer(analytic_config("advantage.name=sparse"), tmp_path)
     mu_before = trainer.policy.mu.detach().clone()

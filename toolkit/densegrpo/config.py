@@ -111,6 +111,12 @@ class LoggingConfig(BaseModel):
         4, ge=1, le=64, description="ODE images per evaluation prompt, each from its own fixed noise (more images: a less noisy eval_reward "
         "and a smaller eval_gain_se; the toy run's 81 x 4 costs about 25 s per evaluation on 2 CPU threads)."
     )
+    train_eval_images_per_prompt: int = Field(
+        0, ge=0, le=64, description="ODE images per training prompt for a second evaluation, on the first eval_prompts prompts of "
+        "prompts.train, the prompts the policy is optimised on (0: off). Logged as train_eval_reward, with train_eval_gain +- "
+        "train_eval_gain_se, beside the held-out eval_reward: a rise here and not there means the policy fitted its "
+        "prompts without generalising.",
+    )
     tensorboard: bool = Field(False, description="Also write TensorBoard scalars (needs the tensorboard package).")
     progress: bool = Field(True, description="Show a progress bar.")
 

@@ -58,10 +58,18 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) 
                         label="eval reward (ODE, test prompts), ± paired standard error of its gain")
         else:
             ax.plot(xs, ys, "o-", color="tab:red", label="eval reward (ODE, test prompts)")
+    trained = [(r["iteration"] + 1, r["train_eval_reward"], r.get("train_eval_gain_se", math.nan)) for r in rows if "train_eval_reward" in r]
+    trained_base = [r["train_eval_reward_base"] for r in rows if "train_eval_reward_base" in r]
+    if trained:
+        if trained_base:
+            trained = [(0, trained_base[0], 0.0)] + trained
+        xs, ys, se = zip(*trained)
+        ax.errorbar(xs, ys, yerr=[v if math.isfinite(v) else 0.0 for v in se], fmt="s--", color="tab:green", capsize=3,
+                    label="eval reward (ODE, training prompts), ± paired standard error")
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     ax.set_title("GRPO reward")
     return _save(fig, path)
 

@@ -41,7 +41,10 @@ from densegrpo.sigmas import make_sigmas
 
 TRAIN_STREAM, CALIBRATION_STREAM = 1, 2
 METRICS = "metrics.jsonl"
-EVAL_BASE = "eval_base.json"
+EVAL_BASE = {"eval": "eval_base.json", "train_eval": "train_eval_base.json"}
+"""Files of the base policy's per-image scores, by evaluation (metric prefix)."""
+EVALUATIONS = {"eval": "test", "train_eval": "train"}
+"""Metric prefix -> prompt split of each evaluation a run logs."""
 """Per-image evaluation rewards of the untrained policy, kept so a resumed run still logs ``eval_gain``."""
 
 
@@ -271,14 +274,23 @@ class Trainer:
         scores = self.eval_scores()
         return None if scores is None else _nanmean(scores)
 
-    def eval_scores(self) -> torch.Tensor | None:
-        """Per-image evaluation rewards ``(eval_prompts * eval_images_per_prompt,)``: ODE samples of
-        the first test prompts from the fixed noise of ``seed``, so two calls pair image by image."""
-        count = self.config.logging.eval_prompts
-        if count == 0:
+    def eval_scores(self, split: str = "test") -> torch.Tensor | None:
+        """Per-image evaluation rewards ``(prompts * images_per_prompt,)``: ODE samples of the first
+        ``eval_prompts`` prompts from the fixed noise of ``seed``, so two calls pair image by image.
+
+        ``split`` ``"test"``: the held-out prompts, ``eval_images_per_prompt`` each (``eval_reward``);
+        ``"train"``: the training prompts, ``train_eval_images_per_prompt`` each (``train_eval_reward``).
+        ``None`` when that evaluation is off.
+        """
+        logging = self.config.logging
+        source, per_prompt = {
+            "test": (self.test_records, logging.eval_images_per_prompt),
+            "train": (self.train_records, logging.train_eval_images_per_prompt),
+        }[split]
+        count = logging.eval_prompts
+        if count == 0 or per_prompt == 0:
             return None
-        per_prompt = self.config.logging.eval_images_per_prompt
-        records = [r for r in self.test_records[:count] for _ in range(per_prompt)]
+        records = [r for r in source[:count] for _ in range(per_prompt)]
         images = self._eval_images([r["prompt"] for r in records])
         rewards = RewardScorer(self.parts.rewards, [r["prompt"] for r in records], [r if "include" in r else None for r in records])
         return rewards(images, torch.arange(len(records))).float()
@@ -348,18 +360,18 @@ def write_scalars(board: Any, record: dict[str, Any]) -> None:
     board.flush()
 
 
-def save_eval_base(run_dir: Path, scores: torch.Tensor) -> None:
-    """Write the base policy's per-image evaluation rewards (NaN as null), atomically."""
+def save_eval_base(run_dir: Path, scores: torch.Tensor, prefix: str = "eval") -> None:
+    """Write the base policy's per-image rewards of evaluation ``prefix`` (NaN as null), atomically."""
     values = [None if math.isnan(v) else v for v in scores.double().tolist()]
-    path = Path(run_dir) / EVAL_BASE
+    path = Path(run_dir) / EVAL_BASE[prefix]
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"scores": values}), encoding="utf-8")
     os.replace(tmp, path)
 
 
-def load_eval_base(run_dir: Path) -> torch.Tensor | None:
+def load_eval_base(run_dir: Path, prefix: str = "eval") -> torch.Tensor | None:
     """The scores :func:`save_eval_base` wrote, or ``None`` for a run without them."""
-    path = Path(run_dir) / EVAL_BASE
+    path = Path(run_dir) / EVAL_BASE[prefix]
     if not path.exists():
         return None
     values = json.loads(path.read_text(encoding="utf-8"))["scores"]
@@ -423,7 +435,6 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
             _truncate_metrics(metrics_path, trainer.iteration)
     board = open_tensorboard(run_dir, purge_step=trainer.iteration) if config.logging.tensorboard and world.is_main else None
     start_elapsed = trainer.totals["elapsed_s"]
-    trainer_start = trainer.iteration
     started = time.perf_counter()
 
     def log_calibration(entry: dict[str, Any]) -> None:
@@ -441,12 +452,14 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
             plots.plot_calibration(history, run_dir / "calibration.png", uniform=_uniform_level(trainer.parts.calibrator))
     if trainer.iteration == 0:
         trainer.write_samples(0)
-    base_scores = None
+    # per evaluation (held-out test prompts, and optionally the training prompts): the base's per-image scores
+    base_scores: dict[str, torch.Tensor | None] = {prefix: None for prefix in EVALUATIONS}
     if trainer.shares_rank0_work:
-        base_scores = trainer.eval_scores() if trainer.iteration == 0 else load_eval_base(run_dir)
-        if base_scores is not None and trainer.iteration == 0 and world.is_main:
-            save_eval_base(run_dir, base_scores)
-    eval_base = _nanmean(base_scores) if base_scores is not None and trainer.iteration == 0 else None
+        for prefix, split in EVALUATIONS.items():
+            fresh = trainer.iteration == 0
+            base_scores[prefix] = trainer.eval_scores(split) if fresh else load_eval_base(run_dir, prefix)
+            if base_scores[prefix] is not None and fresh and world.is_main:
+                save_eval_base(run_dir, base_scores[prefix], prefix)
     progress = tqdm(
         total=config.iterations,
         initial=trainer.iteration,
@@ -465,18 +478,23 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
         trainer.totals["nfe_train"] += record["nfe_train"]
         record["nfe"] = record["nfe_rollout"] + record["nfe_dense"] + record["nfe_train"]
         record["nfe_total"] = sum(trainer.totals[k] for k in ("nfe_rollout", "nfe_dense", "nfe_train", "nfe_calibration"))
-        if iteration == trainer_start and eval_base is not None:
-            record["eval_reward_base"] = eval_base
+        if iteration == 0:
+            for prefix, base in base_scores.items():
+                if base is not None:
+                    record[f"{prefix}_reward_base"] = _nanmean(base)
         last = trainer.iteration == config.iterations
         sample_every = config.logging.sample_every
         if trainer.shares_rank0_work and (last or (sample_every and trainer.iteration % sample_every == 0)):
-            scores = trainer.eval_scores()
-            if scores is not None:
-                record["eval_reward"] = _nanmean(scores)
-                if base_scores is not None and base_scores.shape == scores.shape:
-                    paired = paired_gain(base_scores, scores)
-                    record["eval_gain"] = paired.gain
-                    record["eval_gain_se"] = paired.se
+            for prefix, split in EVALUATIONS.items():
+                scores = trainer.eval_scores(split)
+                if scores is None:
+                    continue
+                record[f"{prefix}_reward"] = _nanmean(scores)
+                base = base_scores[prefix]
+                if base is not None and base.shape == scores.shape:
+                    paired = paired_gain(base, scores)
+                    record[f"{prefix}_gain"] = paired.gain
+                    record[f"{prefix}_gain_se"] = paired.se
             trainer.write_samples(trainer.iteration)
         # wall_s: training compute (calibration, rollouts, rewards, updates), without evaluation
         # and picture writing, so budgets compare methods fairly; elapsed_s: everything.
@@ -502,14 +520,18 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
         rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if rows:
             plots.plot_reward_curve(rows, run_dir / "reward_curve.png")
-            evals = [r["eval_reward"] for r in rows if "eval_reward" in r]
-            base = next((r["eval_reward_base"] for r in rows if "eval_reward_base" in r), None)
-            gains = [(r["eval_gain"], r["eval_gain_se"]) for r in rows if "eval_gain" in r]
-            summary.update({
-                "reward_first": rows[0]["reward_mean"], "reward_last": rows[-1]["reward_mean"], "eval_reward_base": base,
-                "eval_reward_final": evals[-1] if evals else None,
-                "eval_gain_final": gains[-1][0] if gains else None, "eval_gain_se_final": gains[-1][1] if gains else None,
-            })
+            summary.update({"reward_first": rows[0]["reward_mean"], "reward_last": rows[-1]["reward_mean"]})
+            for prefix in EVALUATIONS:
+                evals = [r[f"{prefix}_reward"] for r in rows if f"{prefix}_reward" in r]
+                if prefix != "eval" and not evals:
+                    continue  # an evaluation that is off leaves no keys (eval_* keys are always there)
+                base = next((r[f"{prefix}_reward_base"] for r in rows if f"{prefix}_reward_base" in r), None)
+                gains = [(r[f"{prefix}_gain"], r[f"{prefix}_gain_se"]) for r in rows if f"{prefix}_gain" in r]
+                summary.update({
+                    f"{prefix}_reward_base": base, f"{prefix}_reward_final": evals[-1] if evals else None,
+                    f"{prefix}_gain_final": gains[-1][0] if gains else None,
+                    f"{prefix}_gain_se_final": gains[-1][1] if gains else None,
+                })
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
