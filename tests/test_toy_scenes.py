@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from densegrpo.errors import UserError
 from densegrpo.geneval_rules import TAGS, strict_correct
 from densegrpo.toy.detector import ToyDetector
-from densegrpo.toy.prompts import load_prompts
+from densegrpo.toy.prompts import focus_prompts, load_prompts
 from densegrpo.toy.scenes import (
     PALETTE,
     SHAPES,
@@ -101,6 +101,16 @@ def test_prompt_files_are_geneval_format_and_disjoint():
     assert prompts["a photo of three triangles"]["exclude"] == [{"class": "triangle", "count": 4}]
     left = prompts["a photo of a circle left of a square"]["include"]
     assert left == [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}]
+
+
+def test_focus_set_is_eight_training_color_attr_prompts_and_regenerates():
+    train, test, focus = load_prompts("toy-train"), load_prompts("toy-test"), load_prompts("toy-train-focus")
+    assert len(focus) == 8 and {m["tag"] for m in focus} == {"color_attr"}
+    assert len({m["prompt"] for m in focus}) == 8
+    assert all(m in train for m in focus)
+    assert not {m["prompt"] for m in focus} & {m["prompt"] for m in test}
+    assert focus == focus_prompts(train)  # the shipped file is what `python -m densegrpo.toy.prompts` writes
+    assert focus_prompts(train, seed=1) != focus
 
 
 def test_load_prompts_files(tmp_path):
