@@ -2,6 +2,7 @@
 
     python benchmarks/bench_paired_eval.py runs/toy-densegrpo --per-prompt 8 --seed 2
     python benchmarks/bench_paired_eval.py runs/a,runs/b --per-prompt 4 --seed 1
+    python benchmarks/bench_paired_eval.py runs/toy-densegrpo --prompts train --per-prompt 32 --seed 1
 
 Every image of the base policy and of each trained run (its latest checkpoint) comes from the
 same initial noise, prompt by prompt, so the per-image differences are paired. The script prints
@@ -27,6 +28,8 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=4, help="images per test prompt")
     parser.add_argument("--seed", type=int, default=1, help="noise seed of the evaluation images")
     parser.add_argument("--steps", type=int, default=None, help="ODE steps (default: the run's eval_steps)")
+    parser.add_argument("--prompts", default=None, help="prompt set to score: 'train' (the run's prompts.train), "
+                        "'test' or unset (its prompts.test), or any set load_prompts reads")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -37,7 +40,8 @@ def main() -> None:
 
     for run in args.runs.split(","):
         config, run_dir = config_or_run(Path(run), [])
-        records = [r for r in load_prompt_records(config.prompts.test) for _ in range(args.per_prompt)]
+        source = {"train": config.prompts.train, "test": config.prompts.test, None: config.prompts.test}.get(args.prompts, args.prompts)
+        records = [r for r in load_prompt_records(source) for _ in range(args.per_prompt)]
         prompts = [r["prompt"] for r in records]
         metadata = [r if "include" in r else None for r in records]
         steps = args.steps or config.sampling.eval_steps

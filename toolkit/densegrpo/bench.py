@@ -69,6 +69,8 @@ def arm_config(arm: str, reward: str, seed: int, profile: Profile, iterations: i
         None,
         [
             f"seed={seed}",
+            "prompts.train=toy-train",  # the whole training set, not the main job's focus set
+            "logging.train_eval_images_per_prompt=0",
             f"iterations={iterations}",
             "checkpoint_every=0",
             f"rewards.0.name={reward}",
