@@ -158,9 +158,11 @@ def test_training_prompt_evaluation_scores_the_training_prompts_and_survives_res
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_eval_gain_final"] == evaluated[-1]["train_eval_gain"]
 
-    # off (the default of train_eval_images_per_prompt is 0): no train_eval keys anywhere
+    # off (LoggingConfig's default; the toy main job turns it on): no train_eval keys anywhere
+    assert cfg.LoggingConfig().train_eval_images_per_prompt == 0
+    assert cfg.default_config().logging.train_eval_images_per_prompt == 32
     plain = tmp_path / "plain"
-    run_training(analytic_config(*sets[:-1], "iterations=2"), plain)
+    run_training(analytic_config(*sets[:-1], "logging.train_eval_images_per_prompt=0", "iterations=2"), plain)
     rows = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
     assert not any(k.startswith("train_eval") for r in rows for k in r)
     assert not any(k.startswith("train_eval") for k in json.loads((plain / "summary.json").read_text()))

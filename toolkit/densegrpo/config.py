@@ -48,7 +48,7 @@ class PromptConfig(BaseModel):
     model_config = STRICT
     train: str = Field(
         "toy-train",
-        description="Training prompts: 'toy-train', 'toy-test' or a path to a GenEval-format JSONL "
+        description="Training prompts: 'toy-train', 'toy-train-focus', 'toy-test' or a path to a GenEval-format JSONL "
         "(one {'prompt', 'tag', 'include', ...} object per line) or a plain text file (one prompt per line).",
     )
     test: str = Field("toy-test", description="Evaluation prompts, same formats as `train`.")
@@ -161,10 +161,16 @@ class RunConfig(BaseModel):
         description="How the per-step SDE noise level is chosen (the toy run calibrates 6 rounds of 16 samples).",
     )
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="When calibration runs.")
-    prompts: PromptConfig = Field(default_factory=PromptConfig, description="Prompt sources.")
+    prompts: PromptConfig = Field(
+        default_factory=lambda: PromptConfig(train="toy-train-focus"),
+        description="Prompt sources (the toy run: trains on the 8 prompts of toy-train-focus, evaluates on the 81 held-out toy-test).",
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sigma grid and steps.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO objective and optimiser.")
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging and sample grids.")
+    logging: LoggingConfig = Field(
+        default_factory=lambda: LoggingConfig(train_eval_images_per_prompt=32, sample_every=60),
+        description="Logging and sample grids (the toy run also scores its 8 training prompts x 32 images; it evaluates before training and at the end).",
+    )
 
 
 def default_config() -> RunConfig:
