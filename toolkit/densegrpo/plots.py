@@ -65,11 +65,11 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) 
             trained = [(0, trained_base[0], 0.0)] + trained
         xs, ys, se = zip(*trained)
         ax.errorbar(xs, ys, yerr=[v if math.isfinite(v) else 0.0 for v in se], fmt="s--", color="tab:green", capsize=3,
-                    label="eval reward (ODE, training prompts), ± paired standard error")
+                    label="eval reward (ODE, training prompts), ± paired standard error of its gain")
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: never over a curve
     ax.set_title("GRPO reward")
     return _save(fig, path)
 
