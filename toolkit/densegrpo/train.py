@@ -41,11 +41,10 @@ from densegrpo.sigmas import make_sigmas
 
 TRAIN_STREAM, CALIBRATION_STREAM = 1, 2
 METRICS = "metrics.jsonl"
-EVAL_BASE = {"eval": "eval_base.json", "train_eval": "train_eval_base.json"}
-"""Files of the base policy's per-image scores, by evaluation (metric prefix)."""
 EVALUATIONS = {"eval": "test", "train_eval": "train"}
 """Metric prefix -> prompt split of each evaluation a run logs."""
-"""Per-image evaluation rewards of the untrained policy, kept so a resumed run still logs ``eval_gain``."""
+EVAL_BASE = {"eval": "eval_base.json", "train_eval": "train_eval_base.json"}
+"""Per-image rewards of the untrained policy, by evaluation, kept so a resumed run still logs its gains."""
 
 
 def calibration_rounds(calibrator: Any) -> int:
@@ -455,8 +454,8 @@ def _run(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, compo
     # per evaluation (held-out test prompts, and optionally the training prompts): the base's per-image scores
     base_scores: dict[str, torch.Tensor | None] = {prefix: None for prefix in EVALUATIONS}
     if trainer.shares_rank0_work:
+        fresh = trainer.iteration == 0
         for prefix, split in EVALUATIONS.items():
-            fresh = trainer.iteration == 0
             base_scores[prefix] = trainer.eval_scores(split) if fresh else load_eval_base(run_dir, prefix)
             if base_scores[prefix] is not None and fresh and world.is_main:
                 save_eval_base(run_dir, base_scores[prefix], prefix)
