@@ -147,8 +147,10 @@ def block_flow_sde_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, n
     The Fokker-Planck equation of ``dx = f dt + g P dW`` keeps the flow's marginals when
     ``f = v - (g^2 / 2) P grad log p_t``: the score correction acts only where the noise does.
     With ``grad log p_t = -(x + (1 - sigma) v) / sigma`` this is Flow-GRPO's correction
-    projected by ``P``; ``block = 1`` gives :func:`flow_sde_mean`.
+    projected by ``P``; ``block = 1`` is :func:`flow_sde_mean`.
     """
+    if block == 1:
+        return flow_sde_mean(x, v, sigma, sigma_next, noise_level, cap)
     dt = sigma_next - sigma
     drift = flow_sde_std(sigma, noise_level, cap) ** 2 / (2.0 * sigma)
     correction = block_spread(torch.add(x, v, alpha=1.0 - sigma), block)
