@@ -46,32 +46,33 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) 
     if len(rows) >= 2:
         ax.plot(iterations, moving_average(mean, window), color="tab:blue", linewidth=2.2,
                 label=f"train reward, mean of the last {window} iterations")
-    evals = [(r["iteration"] + 1, r["eval_reward"], r.get("eval_gain_se", math.nan)) for r in rows if "eval_reward" in r]
-    base = [r["eval_reward_base"] for r in rows if "eval_reward_base" in r]
-    if base:
-        evals = [(0, base[0], 0.0)] + evals
-        ax.axhline(base[0], color="tab:red", linestyle=":", linewidth=1, alpha=0.7, label="eval reward of the base policy")
-    if evals:
-        xs, ys, se = zip(*evals)
+    base = next((r["eval_reward_base"] for r in rows if "eval_reward_base" in r), None)
+    if base is not None:
+        ax.axhline(base, color="tab:red", linestyle=":", linewidth=1, alpha=0.7, label="eval reward of the base policy")
+    for prefix, prompts, style, color in (("eval", "test", "o-", "tab:red"), ("train_eval", "training", "s--", "tab:green")):
+        points = _eval_points(rows, prefix)
+        if not points:
+            continue
+        xs, ys, se = zip(*points)
+        label = f"eval reward (ODE, {prompts} prompts)"
         if all(math.isfinite(v) for v in se):
-            ax.errorbar(xs, ys, yerr=se, fmt="o-", color="tab:red", capsize=3,
-                        label="eval reward (ODE, test prompts), ± paired standard error of its gain")
+            ax.errorbar(xs, ys, yerr=se, fmt=style, color=color, capsize=3, label=f"{label}, ± paired standard error of its gain")
         else:
-            ax.plot(xs, ys, "o-", color="tab:red", label="eval reward (ODE, test prompts)")
-    trained = [(r["iteration"] + 1, r["train_eval_reward"], r.get("train_eval_gain_se", math.nan)) for r in rows if "train_eval_reward" in r]
-    trained_base = [r["train_eval_reward_base"] for r in rows if "train_eval_reward_base" in r]
-    if trained:
-        if trained_base:
-            trained = [(0, trained_base[0], 0.0)] + trained
-        xs, ys, se = zip(*trained)
-        ax.errorbar(xs, ys, yerr=[v if math.isfinite(v) else 0.0 for v in se], fmt="s--", color="tab:green", capsize=3,
-                    label="eval reward (ODE, training prompts), ± paired standard error of its gain")
+            ax.plot(xs, ys, style, color=color, label=label)
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: never over a curve
     ax.set_title("GRPO reward")
     return _save(fig, path)
+
+
+def _eval_points(rows: list[dict[str, Any]], prefix: str) -> list[tuple[int, float, float]]:
+    """``(iteration, reward, gain standard error)`` of evaluation ``prefix`` (``eval`` or
+    ``train_eval``), led by the base policy at iteration 0 (standard error 0) when logged."""
+    points = [(r["iteration"] + 1, r[f"{prefix}_reward"], r.get(f"{prefix}_gain_se", math.nan)) for r in rows if f"{prefix}_reward" in r]
+    base = next((r[f"{prefix}_reward_base"] for r in rows if f"{prefix}_reward_base" in r), None)
+    return ([(0, base, 0.0)] if base is not None else []) + points
 
 
 def plot_calibration(history: list[dict[str, Any]], path: Path, uniform: float | None = None) -> Path:
