@@ -157,20 +157,58 @@ def test_full_finetuning_reference_is_frozen_copy():
         assert (policy.velocity(x, sigma, cond) - v0).abs().max().item() > 1e-4
 
 
-def test_cfg_during_training_off_makes_grad_calls_unguided():
+def test_cfg_during_training_off_drops_guidance_inside_loss_forward_only():
+    """Guidance is decided by loss_forward(), never by the gradient mode: both calls run with gradients."""
     policy = SD3Policy.tiny_random(seed=0, guidance_scale=4.5, cfg_during_training=False)
     unguided = SD3Policy.tiny_random(seed=0, guidance_scale=1.0)
     x, sigma = noise_for(policy), torch.full((2,), 0.5)
     cond = policy.encode(PROMPTS)
     with torch.no_grad():
-        v_rollout = policy.velocity(x, sigma, cond)
         v_plain = unguided.velocity(x, sigma, unguided.encode(PROMPTS))
+        v_neg = unguided.velocity(x, sigma, unguided.encode([""] * 2))
+    v_guided = v_neg + 4.5 * (v_plain - v_neg)
+    assert (v_guided - v_plain).abs().max().item() > 1e-4  # the two cases can be told apart
+    assert torch.is_grad_enabled()
+    v_outside = policy.velocity(x, sigma, cond)
+    with policy.loss_forward():
+        v_inside = policy.velocity(x, sigma, cond)
         with policy.reference() as reference:
-            v_ref = reference.velocity(x, sigma, cond)
-    v_train = policy.velocity(x, sigma, cond)
-    assert torch.allclose(v_train.detach(), v_plain, atol=1e-6)
-    assert torch.allclose(v_ref, v_plain, atol=1e-6)
-    assert (v_rollout - v_plain).abs().max().item() > 1e-4
+            v_ref_inside = reference.velocity(x, sigma, cond)
+    assert v_outside.requires_grad and v_inside.requires_grad
+    assert torch.allclose(v_inside.detach(), v_plain, atol=1e-6)
+    assert torch.allclose(v_outside.detach(), v_guided, atol=1e-5)
+    assert torch.allclose(v_ref_inside, v_plain, atol=1e-6)  # B = 0 at init: reference = base
+    with torch.no_grad(), policy.reference() as reference:
+        v_ref_outside = reference.velocity(x, sigma, cond)  # reference() alone keeps guidance
+    assert torch.allclose(v_ref_outside, v_guided, atol=1e-5)
+    with policy.loss_forward():
+        with policy.loss_forward():
+            pass
+        assert torch.allclose(policy.velocity(x, sigma, cond).detach(), v_plain, atol=1e-6)  # nesting keeps the context
+    assert torch.allclose(policy.velocity(x, sigma, cond).detach(), v_guided, atol=1e-5)  # restored on exit
+
+
+def test_cfg_during_training_on_keeps_guidance_in_loss_forward(policy):
+    x, sigma = noise_for(policy), torch.full((2,), 0.5)
+    cond = policy.encode(PROMPTS)
+    with torch.no_grad():
+        v_rollout = policy.velocity(x, sigma, cond)
+    with policy.loss_forward():
+        v_loss = policy.velocity(x, sigma, cond)
+    assert torch.equal(v_loss.detach(), v_rollout)
+
+
+def test_cond_select_and_repeat_carry_the_negative(policy):
+    cond = policy.encode(PROMPTS)
+    assert cond.negative is not None and cond.negative.negative is None
+    assert cond.negative.prompt_embeds.shape == cond.prompt_embeds.shape
+    assert cond.negative.pooled_embeds.shape == cond.pooled_embeds.shape
+    repeated = cond.repeat(3)
+    assert len(repeated) == len(repeated.negative) == 6
+    picked = repeated.select([4, 1])
+    assert picked.prompts == [PROMPTS[0], PROMPTS[1]] and len(picked.negative) == 2
+    assert torch.equal(picked.negative.prompt_embeds, cond.negative.prompt_embeds[[0, 1]])
+    assert SD3Policy.tiny_random(seed=0, guidance_scale=1.0).encode(PROMPTS).negative is None
 
 
 def test_saved_lora_loads_into_diffusers_pipeline(tmp_path):
@@ -223,6 +261,25 @@ def test_missing_weights_raise_one_line_user_error(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="stable-diffusion"):
         SD3Policy(SD3Policy.Config())  # hub id, offline: fails at once instead of downloading
+
+
+def test_hub_load_passes_local_files_only_and_leaves_the_environment_alone(monkeypatch):
+    import os
+
+    from densegrpo.policies.adapter import hub_load
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+
+    def loader(model, **kwargs):
+        seen.append((os.environ.get("HF_HUB_OFFLINE"), kwargs))
+        raise OSError("org/model is not cached\nsecond line")
+
+    with pytest.raises(UserError, match="local folder") as info:
+        hub_load(loader, "SD3 VAE", "org/model", subfolder="vae", local_files_only=True)
+    assert seen == [(None, {"subfolder": "vae", "local_files_only": True})]
+    assert "\n" not in str(info.value) and "'org/model/vae'" in str(info.value)
+    assert "HF_HUB_OFFLINE" not in os.environ
 
 
 def test_folder_without_t5_loads(tmp_path):

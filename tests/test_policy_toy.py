@@ -96,7 +96,7 @@ def test_pretrained_weights_denoise_toy_scenes(resolution):
 def test_cfg_on_the_toy(random_policy):
     guided = ToyPolicy(ToyPolicy.Config(weights="random", seed=0, guidance_scale=3.0))
     cond = guided.encode(PROMPTS)
-    assert cond.negative_prompt_embeds is not None
+    assert cond.negative is not None and cond.negative.prompts == ["", ""]
     x, sigma = torch.randn(2, 3, 32, 32), torch.full((2,), 0.5)
     with torch.no_grad():
         v = guided.velocity(x, sigma, cond)

@@ -5,12 +5,15 @@ they differ only in the :class:`FlowModelParts` they hand it (how prompts are en
 how the transformer is called, how latents are decoded). Everything GRPO relies on lives
 here once:
 
-* prompt encoding with a cache for repeated prompts (text encoders are frozen);
-* classifier-free guidance ``v = v_neg + g (v_pos - v_neg)`` with a negative prompt, and
-  Flow-GRPO's option to apply it (or not) when velocities are recomputed for the loss;
+* prompt encoding with a cache for repeated prompts (:class:`PromptCache`; text encoders
+  are frozen);
+* classifier-free guidance ``v = v_neg + g (v_pos - v_neg)`` with a negative prompt
+  (:func:`guided_velocity`), and Flow-GRPO's option to apply it (or not) in the loss's
+  forward passes, which the loop makes inside :meth:`FlowTransformerPolicy.loss_forward`;
 * LoRA through peft (``transformer.add_adapter``), the reference model being the same
   module with the adapter disabled, and save/load in the format diffusers'
-  ``load_lora_weights`` accepts; or full fine-tuning with a frozen copy as reference;
+  ``load_lora_weights`` accepts (:mod:`densegrpo.policies.lora`); or full fine-tuning with
+  a frozen copy as reference;
 * dtype handling: the transformer may run in bfloat16/float16, but ``velocity`` always
   returns float32 and all step maths stays float32 (method.md section 1).
 """
@@ -18,9 +21,8 @@ here once:
 from __future__ import annotations
 
 import copy
-import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -30,41 +32,13 @@ from torch import Tensor, nn
 
 from densegrpo.distributed import copy_into, full_tensor
 from densegrpo.errors import UserError
+from densegrpo.policies.lora import FLOW_GRPO_LORA_TARGETS, LoRAConfig, add_lora, load_lora_file, save_lora_file
 from densegrpo.protocols import Cond
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-FLOW_GRPO_LORA_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-]
-"""Flow-GRPO's LoRA targets for SD3.5 (train_sd3.py): joint attention q/k/v/out of the
-image stream and the added-context (text stream) projections."""
-
-
-class LoRAConfig(BaseModel):
-    """LoRA on the transformer through peft (Flow-GRPO: r=32, alpha=64, gaussian init)."""
-
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = Field(
-        True, description="Train a LoRA adapter; False trains every transformer weight (full fine-tuning, doubles memory for the frozen reference copy)."
-    )
-    rank: int = Field(32, ge=1, description="LoRA rank r (Flow-GRPO / DenseGRPO on SD3.5-M: 32).")
-    alpha: float = Field(64.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (Flow-GRPO: 64).")
-    target_modules: list[str] | None = Field(
-        None,
-        description="Module name suffixes that get LoRA; None: the model's defaults (SD3/FLUX: Flow-GRPO's attention "
-        "to_q/to_k/to_v/to_out.0 and add_q/k/v_proj, to_add_out; toy UNet: to_q/to_k/to_v/to_out.0).",
-    )
-    init: Literal["gaussian", "default"] = Field(
-        "gaussian", description="peft init_lora_weights; both start with B = 0 so the adapted model equals the base model (Flow-GRPO: gaussian)."
-    )
+Forward = Callable[[Tensor, Tensor, Cond], Tensor]
+"""``(x (N,C,h,w) model dtype, sigma (N,) float32, cond) -> velocity (N,C,h,w)``, one transformer call."""
 
 
 class FlowPolicyConfig(BaseModel):
@@ -82,7 +56,8 @@ class FlowPolicyConfig(BaseModel):
     negative_prompt: str = Field("", description="Negative prompt for CFG (Flow-GRPO: empty string).")
     cfg_during_training: bool = Field(
         True,
-        description="Apply CFG also when velocities are recomputed for the loss (with gradients) and for the KL reference, as Flow-GRPO's train.cfg=True; False makes those unguided.",
+        description="Apply CFG also in the loss's forward passes (the log-prob recomputation and the KL reference, made inside "
+        "the policy's loss_forward()), as Flow-GRPO's train.cfg=True; False makes those unguided.",
     )
     model: str | None = Field(None, description="Hugging Face hub id or local folder in diffusers layout.")
     local_files_only: bool = Field(
@@ -131,17 +106,15 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def hub_load(loader: Callable[..., Any], what: str, model: str, *, subfolder: str | None, local_files_only: bool, **kwargs: Any) -> Any:
-    """``loader(model, subfolder=..., ...)`` with a one-line :class:`UserError` when files are missing.
+    """``loader(model, subfolder=..., local_files_only=..., ...)`` with a one-line :class:`UserError` when files are missing.
 
-    With ``local_files_only`` the hub is never contacted (``HF_HUB_OFFLINE=1`` is set for
-    the call), so a missing model fails at once instead of hanging on the network.
+    ``loader`` is a diffusers or transformers ``from_pretrained``: with ``local_files_only`` it
+    reads only the local folder or the hub cache, so a missing model fails at once instead of
+    waiting on the network. The process environment is left alone.
     """
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    if local_files_only:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
     try:
-        if subfolder is not None:
-            kwargs["subfolder"] = subfolder
         return loader(model, local_files_only=local_files_only, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
         where = f"{model}/{subfolder}" if subfolder else model
@@ -153,15 +126,11 @@ def hub_load(loader: Callable[..., Any], what: str, model: str, *, subfolder: st
         )
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         raise UserError(f"cannot load the {what} from '{where}' ({type(error).__name__}: {reason}); {hint}") from error
-    finally:
-        if local_files_only:
-            if previous is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def _cat_conds(rows: list[Cond]) -> Cond:
+    """Stack conditionings without negatives along the batch: ``N_1 + N_2 + ...`` rows."""
+
     def cat(values: list[Tensor | None]) -> Tensor | None:
         return None if values[0] is None else torch.cat(values, dim=0)  # type: ignore[arg-type]
 
@@ -172,6 +141,60 @@ def _cat_conds(rows: list[Cond]) -> Cond:
         prompts=[p for r in rows for p in r.prompts],
         extra={k: torch.cat([r.extra[k] for r in rows], dim=0) for k in extra_keys},
     )
+
+
+class PromptCache:
+    """Encodes each distinct prompt once: the text encoders are frozen, so an encoding never changes.
+
+    ``len(cache)`` is the number of prompts held.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], Cond]):
+        self._encode = encode
+        self._rows: dict[str, Cond] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def __call__(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
+        """``N`` prompts -> :class:`Cond` of ``N`` rows; with ``negative_prompt``, ``cond.negative`` is
+        that prompt's encoding repeated ``N`` times."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._rows]
+        if negative_prompt is not None and negative_prompt not in self._rows:
+            todo.append(negative_prompt)
+        if todo:
+            with torch.no_grad():
+                fresh = self._encode(todo)
+            for i, prompt in enumerate(todo):
+                self._rows[prompt] = fresh.select([i])
+        cond = _cat_conds([self._rows[p] for p in prompts])
+        if negative_prompt is not None:
+            cond.negative = _cat_conds([self._rows[negative_prompt]] * len(prompts))
+        return cond
+
+
+def guided_velocity(forward: Forward, x: Tensor, sigma: Tensor, cond: Cond, scale: float) -> Tensor:
+    """Classifier-free guidance ``v_neg + scale (v_pos - v_neg)`` from one transformer call.
+
+    ``x (N,C,h,w)`` in the model's dtype, ``sigma (N,)`` float32 and ``cond`` with
+    ``cond.negative`` -> float32 ``(N,C,h,w)``. The batch is ``[negatives; positives]``
+    (``2N`` rows), the order of diffusers' pipelines, so velocities match theirs; the
+    combination is float32.
+    """
+    negative = cond.negative
+    if negative is None:
+        raise ValueError("guided_velocity() needs cond.negative; encode with guidance on")
+    both = Cond(
+        prompt_embeds=torch.cat([negative.prompt_embeds, cond.prompt_embeds]),
+        pooled_embeds=None if cond.pooled_embeds is None else torch.cat([negative.pooled_embeds, cond.pooled_embeds]),  # type: ignore[list-item]
+        extra={k: torch.cat([negative.extra[k], v]) for k, v in cond.extra.items()},
+    )
+    out = forward(torch.cat([x, x]), torch.cat([sigma, sigma]), both).float()
+    v_negative, v_positive = out.chunk(2)
+    return v_negative + scale * (v_positive - v_negative)
 
 
 class FlowTransformerPolicy:
@@ -197,20 +220,10 @@ class FlowTransformerPolicy:
         self._reference_transformer: nn.Module | None = None
         self._parallel: nn.Module | None = None  # DDP/FSDP wrapper of _TransformerCall, see data_parallel()
         self._in_reference = False
-        self._cache: dict[str, Cond] = {}
-        lora = config.lora
-        if lora.enabled:
-            from peft import LoraConfig
-
-            targets = self._matching_targets(list(lora.target_modules or parts.default_lora_targets))
-            self.transformer.add_adapter(
-                LoraConfig(
-                    r=lora.rank,
-                    lora_alpha=lora.alpha,
-                    init_lora_weights=lora.init if lora.init == "gaussian" else True,
-                    target_modules=targets,
-                )
-            )
+        self._in_loss = False
+        self._cache = PromptCache(parts.encode)
+        if config.lora.enabled:
+            add_lora(self.transformer, config.lora, parts.default_lora_targets)
         else:
             self._reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
             self.transformer.requires_grad_(True)
@@ -218,42 +231,16 @@ class FlowTransformerPolicy:
         for param in self.trainable_parameters():
             param.data = param.data.float()
 
-    # ----------------------------------------------------------------- set-up helpers
-    def _matching_targets(self, targets: list[str]) -> list[str]:
-        names = [name for name, _ in self.transformer.named_modules()]
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-        if missing:
-            raise ValueError(
-                f"LoRA target modules {missing} do not exist in {type(self.transformer).__name__}; "
-                "fix lora.target_modules (e.g. attn.to_q, attn.add_k_proj)"
-            )
-        return list(targets)
-
     # ----------------------------------------------------------------- prompts
     def encode(self, prompts: list[str]) -> Cond:
-        """Encode ``N`` prompts -> :class:`Cond` (``prompt_embeds (N,L,D)``, negatives when CFG is on).
+        """Encode ``N`` prompts -> :class:`Cond` (``prompt_embeds (N,L,D)``; ``cond.negative`` the
+        negative prompt's ``N`` rows when CFG is on).
 
         Each distinct prompt is encoded once and cached; text encoders never get gradients.
         """
         if isinstance(prompts, str):
             raise ValueError("encode() takes a list of prompts, not a single string; wrap it in [ ]")
-        prompts = list(prompts)
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if self.guidance_on and self.config.negative_prompt not in self._cache:
-            todo.append(self.config.negative_prompt)
-        if todo:
-            with torch.no_grad():
-                fresh = self.parts.encode(todo)
-            for i, prompt in enumerate(todo):
-                self._cache[prompt] = fresh.select([i])
-        cond = _cat_conds([self._cache[p] for p in prompts])
-        if self.guidance_on:
-            negative = _cat_conds([self._cache[self.config.negative_prompt]] * len(prompts))
-            cond.negative_prompt_embeds = negative.prompt_embeds
-            cond.negative_pooled_embeds = negative.pooled_embeds
-            for key, value in negative.extra.items():
-                cond.extra["negative_" + key] = value
-        return cond
+        return self._cache(list(prompts), self.config.negative_prompt if self.guidance_on else None)
 
     def clear_cache(self) -> None:
         """Forget cached prompt encodings (after changing text encoders)."""
@@ -267,10 +254,9 @@ class FlowTransformerPolicy:
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """``v_theta(x, sigma, c)`` with CFG: ``x (N,C,h,w)``, ``sigma (N,)`` in [0, 1] -> float32 ``(N,C,h,w)``.
 
-        CFG (``guidance_scale > 1``) batches the negative and positive rows in one call,
-        ``[negatives; positives]`` as diffusers' pipelines do, and combines them in float32.
-        With ``cfg_during_training=False`` a call made with gradients enabled or inside
-        :meth:`reference` is unguided (Flow-GRPO's ``train.cfg=False``).
+        CFG applies when ``guidance_scale > 1`` and ``cond.negative`` is present (see
+        :func:`guided_velocity`), except inside :meth:`loss_forward` with
+        ``cfg_during_training=False`` (Flow-GRPO's ``train.cfg=False``). Gradient mode plays no part.
         """
         if x.dim() != 4 or tuple(x.shape[1:]) != self.latent_shape:
             raise ValueError(f"velocity() expects x of shape (N, {', '.join(map(str, self.latent_shape))}), got {tuple(x.shape)}")
@@ -280,27 +266,27 @@ class FlowTransformerPolicy:
             sigma = sigma.expand(n)
         if len(cond) != n:
             raise ValueError(f"cond holds {len(cond)} prompts but x holds {n} samples; use cond.select/repeat to match")
-        training_call = torch.is_grad_enabled() or self._in_reference
-        use_cfg = (
-            self.guidance_on
-            and cond.negative_prompt_embeds is not None
-            and (self.config.cfg_during_training or not training_call)
-        )
         x_model = x.to(self.device, self.dtype)
         sigma = sigma.to(self.device)
-        if not use_cfg:
-            return self._forward(x_model, sigma, self._positive(cond)).float()
-        both = Cond(
-            prompt_embeds=torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),  # type: ignore[list-item]
-            pooled_embeds=None
-            if cond.pooled_embeds is None
-            else torch.cat([cond.negative_pooled_embeds, cond.pooled_embeds]),  # type: ignore[list-item]
-            prompts=[],
-            extra={k: torch.cat([cond.extra["negative_" + k], v]) for k, v in cond.extra.items() if not k.startswith("negative_")},
-        )
-        out = self._forward(torch.cat([x_model, x_model]), torch.cat([sigma, sigma]), both).float()
-        v_negative, v_positive = out.chunk(2)
-        return v_negative + self.config.guidance_scale * (v_positive - v_negative)
+        if not self._guided(cond):
+            return self._forward(x_model, sigma, replace(cond, negative=None)).float()
+        return guided_velocity(self._forward, x_model, sigma, cond, self.config.guidance_scale)
+
+    def _guided(self, cond: Cond) -> bool:
+        if not self.guidance_on or cond.negative is None:
+            return False
+        return self.config.cfg_during_training or not self._in_loss
+
+    @contextmanager
+    def loss_forward(self) -> Iterator[None]:
+        """Context of the GRPO loss's forward passes (the log-prob recomputation and the KL
+        reference pass): with ``cfg_during_training=False`` every :meth:`velocity` inside is unguided."""
+        outer = self._in_loss
+        self._in_loss = True
+        try:
+            yield
+        finally:
+            self._in_loss = outer
 
     def _forward(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """One transformer call: the frozen copy in :meth:`reference` (full fine-tuning), else the
@@ -319,15 +305,6 @@ class FlowTransformerPolicy:
         reference copy of full fine-tuning is not wrapped: every rank keeps it whole.
         """
         self._parallel = wrap(_TransformerCall(self.transformer, self.parts.forward))
-
-    @staticmethod
-    def _positive(cond: Cond) -> Cond:
-        return Cond(
-            prompt_embeds=cond.prompt_embeds,
-            pooled_embeds=cond.pooled_embeds,
-            prompts=cond.prompts,
-            extra={k: v for k, v in cond.extra.items() if not k.startswith("negative_")},
-        )
 
     # ----------------------------------------------------------------- decode
     def decode(self, x0: Tensor) -> Tensor:
@@ -360,7 +337,11 @@ class FlowTransformerPolicy:
 
     @contextmanager
     def reference(self) -> Iterator["FlowTransformerPolicy"]:
-        """The frozen base model for the KL term: LoRA disabled (or the frozen copy for full fine-tuning)."""
+        """The frozen base model for the KL term: LoRA disabled (or the frozen copy for full fine-tuning).
+
+        Guidance inside follows :meth:`velocity`'s rule: the loss's reference pass is made inside
+        :meth:`loss_forward` as well, and only there does ``cfg_during_training=False`` drop CFG.
+        """
         if self._in_reference:
             yield self
             return
@@ -380,42 +361,13 @@ class FlowTransformerPolicy:
         """Write the LoRA as ``pytorch_lora_weights.safetensors``, loadable by ``pipe.load_lora_weights(directory)``."""
         if not self.config.lora.enabled:
             raise ValueError("this policy is fully fine-tuned, not LoRA; save trainable_state_dict() instead")
-        from peft.utils import get_peft_model_state_dict
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        layers = {k: v.detach().cpu().float() for k, v in get_peft_model_state_dict(self.transformer).items()}
-        # The adapter metadata carries alpha: without it diffusers would assume alpha = rank.
-        metadata = self.transformer.peft_config["default"].to_dict()
-        prefix = self.parts.lora_prefix
-        self.parts.lora_pipeline.save_lora_weights(
-            directory, **{f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": metadata}, safe_serialization=True
-        )
-        return directory / "pytorch_lora_weights.safetensors"
+        return save_lora_file(self.transformer, self.parts.lora_pipeline, self.parts.lora_prefix, directory)
 
     def load_lora(self, path: str | Path) -> None:
         """Load LoRA weights in diffusers' format (a folder or a .safetensors file) into the adapter."""
         if not self.config.lora.enabled:
             raise ValueError("enable lora in the policy config to load a LoRA file")
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft.utils import set_peft_model_state_dict
-
-        path = Path(path)
-        if not path.exists():
-            raise UserError(f"LoRA file or folder '{path}' does not exist; pass the folder written by save_lora()")
-        state = self.parts.lora_pipeline.lora_state_dict(str(path))
-        if isinstance(state, tuple):
-            state = state[0]
-        prefix = self.parts.lora_prefix + "."
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        state = convert_unet_state_dict_to_peft(state)
-        result = set_peft_model_state_dict(self.transformer, state, adapter_name="default")
-        unexpected = getattr(result, "unexpected_keys", None) or []
-        if unexpected:
-            raise ValueError(
-                f"LoRA file '{path}' has weights this policy lacks (e.g. {unexpected[0]}); "
-                "build the policy with the same lora.rank and lora.target_modules"
-            )
+        load_lora_file(self.transformer, self.parts.lora_pipeline, self.parts.lora_prefix, path)
 
 
 class _TransformerCall(nn.Module):
@@ -430,6 +382,12 @@ class _TransformerCall(nn.Module):
         return self.call(self.transformer, x, sigma, cond)
 
 
+def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``module.to(device, dtype)``, casting only when the dtype changes (diffusers warns on every cast)."""
+    current = next(module.parameters()).dtype
+    return module.to(device) if current == dtype else module.to(device, dtype)
+
+
 __all__ = [
     "DTYPES",
     "FLOW_GRPO_LORA_TARGETS",
@@ -437,12 +395,8 @@ __all__ = [
     "FlowPolicyConfig",
     "FlowTransformerPolicy",
     "LoRAConfig",
+    "PromptCache",
+    "guided_velocity",
     "hub_load",
     "resolve_dtype",
 ]
-
-
-def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """``module.to(device, dtype)``, casting only when the dtype changes (diffusers warns on every cast)."""
-    current = next(module.parameters()).dtype
-    return module.to(device) if current == dtype else module.to(device, dtype)
