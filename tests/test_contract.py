@@ -2,11 +2,16 @@
 
 A new plugin is tested by installing it: it appears in ``registry.components()`` and
 runs through the checks of its kind. Components that need weights unavailable offline
-provide a classmethod ``contract_instance()`` that builds a tiny instance (see
-CONTRIBUTING.md); others are built from their default ``Config``.
+provide a classmethod ``contract_instance()`` that builds a tiny instance (declared in
+``densegrpo.protocols.OPTIONAL_MEMBERS``'s docstring and CONTRIBUTING.md); others are built
+from their default ``Config``. Every component must also pass ``protocols.conform``: the
+required members of its kind are there, and the optional ones it defines have the declared
+meaning (checked per kind below).
 """
 
 from __future__ import annotations
+
+import json
 
 import pydantic
 import pytest
@@ -14,6 +19,8 @@ import torch
 
 from densegrpo import registry
 from densegrpo.protocols import (
+    OPTIONAL_MEMBERS,
+    REQUIRED_MEMBERS,
     AdvantageEstimator,
     CalibrationStats,
     Cond,
@@ -21,8 +28,10 @@ from densegrpo.protocols import (
     Policy,
     RewardBatch,
     RewardModel,
+    RewardNeeds,
     Sampler,
     Trajectory,
+    conform,
 )
 from densegrpo.sigmas import make_sigmas
 from densegrpo.testing import GaussianFlowPolicy
@@ -35,9 +44,47 @@ TOY_METADATA = [
 
 
 def instance(kind: str, name: str):
+    """A conformed instance: ``contract_instance()`` where the class declares it, else the default Config."""
     cls = registry.load_class(kind, name)
-    factory = getattr(cls, "contract_instance", None)
-    return factory() if callable(factory) else registry.load(kind, name)
+    built = cls.contract_instance() if "contract_instance" in dir(cls) else registry.load(kind, name)
+    return conform(kind, built)
+
+
+@pytest.mark.parametrize("kind, name", COMPONENTS)
+def test_component_has_every_required_member_and_typed_optional_ones(kind, name):
+    component = instance(kind, name)
+    for member in REQUIRED_MEMBERS[kind]:
+        assert hasattr(component, member), f"{name} lacks the required member {member}"
+    for member in OPTIONAL_MEMBERS[kind]:
+        assert hasattr(component, member.name)  # conform filled in the defaults
+    if kind == "calibrators":
+        assert isinstance(component.calibration_rounds, int) and component.calibration_rounds >= 0
+        assert component.samples_per_round is None or (isinstance(component.samples_per_round, int) and component.samples_per_round > 0)
+        assert isinstance(component.converged, bool)
+        assert component.uniform_level is None or isinstance(component.uniform_level, float)
+        json.dumps(component.state_dict())  # checkpoints keep it in state.json
+        component.load_state_dict(component.state_dict())
+    if kind == "advantages":
+        assert isinstance(component.needs, RewardNeeds) and isinstance(component.last_stats, dict)
+    if kind == "policies":
+        assert component.data_parallel is None or callable(component.data_parallel)
+        with component.loss_forward():
+            pass
+
+
+def test_conform_fills_declared_defaults_and_names_missing_members():
+    class FixedLevel:
+        def noise_level(self, sigmas):
+            return torch.full((len(sigmas) - 1,), 0.5)
+
+        def update(self, stats):
+            pass
+
+    calibrator = conform("calibrators", FixedLevel())
+    assert calibrator.calibration_rounds == 0 and calibrator.samples_per_round is None and calibrator.converged is False
+    assert calibrator.state_dict() is None and calibrator.load_state_dict({"any": 1}) is None
+    with pytest.raises(TypeError, match="lacks update"):
+        conform("calibrators", type("NoUpdate", (), {"noise_level": lambda self, sigmas: None})())
 
 
 @pytest.mark.parametrize("kind, name", COMPONENTS)

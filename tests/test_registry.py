@@ -18,6 +18,7 @@ BUILTINS = {
     "rewards": {"toy-geneval", "toy-clip"},
     "advantages": {"sparse", "dense", "dense-raw", "dense-return"},
     "calibrators": {"uniform", "reward-aware"},
+    "hooks": set(),  # the run's own bookkeeping hooks are always on; this group is for added ones
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from densegrpo import registry
 from densegrpo.config import ComponentSpec, RewardSpec, RunConfig
+from densegrpo.protocols import conform
 
 
 @dataclass
@@ -46,12 +47,38 @@ def build_rewards(specs: list[RewardSpec]) -> list[WeightedReward]:
     return [WeightedReward(s.name, s.weight, registry.load("rewards", s.name, s.config)) for s in specs]
 
 
+def build_estimator(config: RunConfig) -> Any:
+    """The configured estimator; with ``reward_combine: sum-advantages`` and several rewards,
+    wrapped so that it runs once per reward (:class:`~densegrpo.advantages.per_reward.PerRewardAdvantage`)."""
+    estimator = conform("advantages", registry.load("advantages", config.advantage.name, config.advantage.config))
+    if config.reward_combine == "sum-advantages" and len(config.rewards) > 1:
+        from densegrpo.advantages.per_reward import PerRewardAdvantage
+
+        estimator = PerRewardAdvantage(estimator, [spec.weight for spec in config.rewards])
+    return estimator
+
+
 def build(config: RunConfig, policy: Any | None = None) -> Components:
-    """Load every slot of ``config``; pass ``policy`` to reuse an already built one."""
-    return Components(
+    """Load every slot of ``config``; pass ``policy`` to reuse an already built one.
+
+    Each component is checked against its protocol and given the declared defaults of the
+    optional members it leaves out (:func:`densegrpo.protocols.conform`).
+    """
+    return conformed(Components(
         policy=policy if policy is not None else build_policy(config),
         sampler=registry.load("samplers", config.sampler.name, config.sampler.config),
         rewards=build_rewards(config.rewards),
-        advantage=registry.load("advantages", config.advantage.name, config.advantage.config),
+        advantage=build_estimator(config),
         calibrator=registry.load("calibrators", config.calibrator.name, config.calibrator.config),
-    )
+    ))
+
+
+def conformed(parts: Components) -> Components:
+    """``parts`` with every component checked by :func:`densegrpo.protocols.conform` (idempotent)."""
+    conform("policies", parts.policy)
+    conform("samplers", parts.sampler)
+    for reward in parts.rewards:
+        conform("rewards", reward.model)
+    conform("advantages", parts.advantage)
+    conform("calibrators", parts.calibrator)
+    return parts

@@ -153,7 +153,7 @@ class DataParallel:
         """Let ``policy`` route its trainable forward passes through :meth:`wrap` (no-op in one process)."""
         if not self.world.active:
             return
-        hook = getattr(policy, "data_parallel", None)
+        hook = policy.data_parallel  # an optional Policy member: None when the policy trains in one process only
         if hook is None:
             raise UserError(
                 f"policy {type(policy).__name__} cannot train on several processes: it has no data_parallel(wrap) "

@@ -17,9 +17,9 @@ converts with :meth:`DenseRewards.by_step_index`.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -34,26 +34,25 @@ class Cond:
     Attributes:
         prompt_embeds: ``(N, L, D)`` token embeddings, the policy's dtype.
         pooled_embeds: ``(N, P)`` pooled embedding, or ``None`` for models without one.
-        negative_prompt_embeds: ``(N, L, D)`` unconditional embeddings for classifier-free
-            guidance, or ``None`` when guidance is off.
-        negative_pooled_embeds: ``(N, P)`` or ``None``.
         prompts: the ``N`` prompt strings, kept for rewards and logging.
         extra: model-specific tensors with a leading ``N`` dimension (for example FLUX's
             text ids); :meth:`select` slices them like the others.
+        negative: the unconditional conditioning of classifier-free guidance, a ``Cond`` of
+            its own (``prompt_embeds (N, L, D)``, ``pooled_embeds (N, P)`` or ``None``,
+            ``extra``) whose row ``i`` pairs with row ``i`` here; ``None`` when guidance is off.
     """
 
     prompt_embeds: Tensor
     pooled_embeds: Tensor | None = None
-    negative_prompt_embeds: Tensor | None = None
-    negative_pooled_embeds: Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     extra: dict[str, Tensor] = field(default_factory=dict)
+    negative: Cond | None = None
 
     def __len__(self) -> int:
         return int(self.prompt_embeds.shape[0])
 
     def select(self, index: Tensor | slice | Sequence[int]) -> "Cond":
-        """Rows ``index`` of every tensor (and prompt); used to batch model calls."""
+        """Rows ``index`` of every tensor (and prompt), ``negative`` included; used to batch model calls."""
         if isinstance(index, slice):
             rows = list(range(len(self)))[index]
         else:
@@ -66,10 +65,9 @@ class Cond:
         return Cond(
             prompt_embeds=take(self.prompt_embeds),
             pooled_embeds=take(self.pooled_embeds),
-            negative_prompt_embeds=take(self.negative_prompt_embeds),
-            negative_pooled_embeds=take(self.negative_pooled_embeds),
             prompts=[self.prompts[i] for i in rows] if self.prompts else [],
             extra={k: take(v) for k, v in self.extra.items()},
+            negative=None if self.negative is None else self.negative.select(rows),
         )
 
     def repeat(self, times: int) -> "Cond":
@@ -178,11 +176,15 @@ class RewardNeeds:
             step's own two states (``R_t`` and ``R_{t-1}``, as DenseGRPO's gain). The loop
             then scores only the states of trained steps (plus the final sample) and leaves
             the others NaN; with ``False`` (a reward-to-go, say) every state is scored.
+        per_reward: ``True`` when the estimator reads each reward model's scores apart (a last
+            axis ``R`` on :class:`RewardBatch`, unweighted) instead of their weighted sum,
+            e.g. :class:`densegrpo.advantages.per_reward.PerRewardAdvantage`.
     """
 
     dense: bool = False
     completion: int | str = "t"
     step_local: bool = False
+    per_reward: bool = False
 
 
 @dataclass
@@ -190,9 +192,10 @@ class RewardBatch:
     """Rewards handed to an advantage estimator.
 
     Attributes:
-        terminal: ``(N,)`` float32, ``R(x_0)``; NaN means "not applicable".
+        terminal: ``(N,)`` float32, ``R(x_0)``; NaN means "not applicable". ``(N, R)``, one
+            column per reward model, for an estimator whose ``needs.per_reward`` is true.
         dense: ``(N, T+1)`` float32 in the papers' order (see :class:`DenseRewards`), or
-            ``None`` for sparse estimators.
+            ``None`` for sparse estimators; ``(N, T+1, R)`` with ``needs.per_reward``.
         num_steps: ``T``.
         group_size: ``G``; groups are contiguous rows ``[g*G, (g+1)*G)``.
     """
@@ -234,6 +237,14 @@ class Policy(Protocol):
     parameters under FSDP: use :func:`densegrpo.distributed.full_tensor` and
     :func:`~densegrpo.distributed.copy_into`. A policy without the method trains in one
     process only; a multi-process run stops with an error that says so.
+
+    Optional, for guidance that differs in the loss (see :data:`OPTIONAL_MEMBERS`)::
+
+        def loss_forward(self) -> AbstractContextManager[None]
+
+    The loop makes the GRPO loss's forward passes (the log-prob recomputation and the KL
+    reference pass) inside this context, so a policy can, for example, skip classifier-free
+    guidance there (Flow-GRPO's ``train.cfg=False``). Default: a context that changes nothing.
     """
 
     latent_shape: tuple[int, int, int]
@@ -311,7 +322,13 @@ class RewardModel(Protocol):
 
 @runtime_checkable
 class AdvantageEstimator(Protocol):
-    """Turns rewards into per-step advantages ``(N, T)``."""
+    """Turns rewards into per-step advantages ``(N, T)``.
+
+    ``needs`` is read once, before training: it decides what the loop scores (terminal or
+    dense rewards, which states, one reward axis or the weighted sum). Optional:
+    ``last_stats: dict[str, float]``, numbers about the last call that the loop logs
+    (``zero_std_ratio`` among them; see :data:`OPTIONAL_MEMBERS`).
+    """
 
     needs: RewardNeeds
 
@@ -322,7 +339,13 @@ class AdvantageEstimator(Protocol):
 
 @runtime_checkable
 class ExplorationCalibrator(Protocol):
-    """Chooses the SDE noise level of every step."""
+    """Chooses the SDE noise level of every step.
+
+    Optional members, with the defaults of a fixed schedule (see :data:`OPTIONAL_MEMBERS`):
+    ``calibration_rounds`` (rounds before training), ``samples_per_round``, ``converged``,
+    ``uniform_level`` (the level a uniform schedule would use, drawn in plots),
+    ``state_dict()`` / ``load_state_dict(state)`` (what a checkpoint keeps).
+    """
 
     def noise_level(self, sigmas: Tensor) -> Tensor:
         """``sigmas (T+1,)`` -> noise level ``(T,)`` float32."""
@@ -333,8 +356,111 @@ class ExplorationCalibrator(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class OptionalMember:
+    """A member the loop reads from a component that may leave it out.
+
+    Attributes:
+        name: the attribute's name.
+        default: ``default(component)`` returns the value (or bound function) used when the
+            component has no such attribute.
+        doc: what the loop does with it.
+    """
+
+    name: str
+    default: Callable[[Any], Any]
+    doc: str
+
+
+def _no_state(component: Any) -> Callable[[], None]:
+    return lambda: None
+
+
+def _ignore_state(component: Any) -> Callable[[Any], None]:
+    return lambda state: None
+
+
+OPTIONAL_MEMBERS: dict[str, tuple[OptionalMember, ...]] = {
+    "policies": (
+        OptionalMember("data_parallel", lambda c: None, "data_parallel(wrap): train on several processes; "
+                       "None: one process only (see Policy)."),
+        OptionalMember("loss_forward", lambda c: nullcontext, "loss_forward(): context of the loss's forward passes "
+                       "(see Policy); default: changes nothing."),
+    ),
+    "samplers": (),
+    "rewards": (),
+    "advantages": (
+        OptionalMember("last_stats", lambda c: {}, "dict[str, float] about the last call, logged each iteration "
+                       "(zero_std_ratio replaces the loop's own count of zero-std groups); default: {}."),
+    ),
+    "calibrators": (
+        OptionalMember("calibration_rounds", lambda c: 0, "int: rounds run before training (DenseGRPO Alg. 1); "
+                       "0: a fixed schedule, no rounds."),
+        OptionalMember("samples_per_round", lambda c: None, "int | None: trajectories per round (each with a fresh "
+                       "prompt); None: the training batch size."),
+        OptionalMember("converged", lambda c: False, "bool: read after each round; True ends calibration early."),
+        OptionalMember("uniform_level", lambda c: None, "float | None: the uniform noise level drawn beside psi in "
+                       "calibration plots."),
+        OptionalMember("state_dict", _no_state, "state_dict() -> JSON-safe state kept in checkpoints; default: None."),
+        OptionalMember("load_state_dict", _ignore_state, "load_state_dict(state): restore it on resume; default: "
+                       "ignore."),
+    ),
+    "hooks": (
+        OptionalMember("before_training", lambda c: lambda run: None, "before_training(run): once, before the "
+                       "first iteration of this process (see densegrpo.hooks)."),
+        OptionalMember("after_iteration", lambda c: lambda run, record: None, "after_iteration(run, record): after "
+                       "each iteration; may add keys to the metrics record."),
+        OptionalMember("after_training", lambda c: lambda run, summary: None, "after_training(run, summary): once, "
+                       "at the end; may add keys to the summary."),
+    ),
+}
+"""What the loop may read beyond each protocol's required members, by kind, with defaults.
+
+Every kind may also define a classmethod ``contract_instance()`` that builds a tiny instance
+for the contract test (tests/test_contract.py), for components whose default ``Config``
+needs weights that are not available offline; default: ``cls(cls.Config())``."""
+
+REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
+    "policies": ("latent_shape", "device", "encode", "velocity", "decode", "trainable_parameters", "reference",
+                 "trainable_state_dict", "load_trainable_state_dict"),
+    "samplers": ("rollout", "log_prob"),
+    "rewards": ("__call__",),
+    "advantages": ("needs", "__call__"),
+    "calibrators": ("noise_level", "update"),
+    "hooks": (),
+}
+"""The members each protocol requires, by kind (the protocol classes above document them)."""
+
+
+def conform(kind: str, component: Any) -> Any:
+    """Check ``component`` against the protocol of ``kind`` and give it the declared defaults.
+
+    Raises ``TypeError`` naming a missing required member; sets every missing optional
+    member of :data:`OPTIONAL_MEMBERS` to its default, so the loop reads all of them directly.
+    Returns ``component`` itself.
+    """
+    missing = [name for name in REQUIRED_MEMBERS[kind] if not hasattr(component, name)]
+    if missing:
+        raise TypeError(
+            f"{type(component).__name__} is not a {_singular(kind)}: it lacks "
+            f"{', '.join(missing)} (see densegrpo/protocols.py)"
+        )
+    for member in OPTIONAL_MEMBERS[kind]:
+        if not hasattr(component, member.name):
+            setattr(component, member.name, member.default(component))
+    return component
+
+
+def _singular(kind: str) -> str:
+    return "policy" if kind == "policies" else kind[:-1]
+
+
 __all__ = [
     "KINDS",
+    "OPTIONAL_MEMBERS",
+    "REQUIRED_MEMBERS",
+    "OptionalMember",
+    "conform",
     "AdvantageEstimator",
     "CalibrationStats",
     "Cond",

@@ -141,6 +141,22 @@ class RewardAwareCalibrator:
             }
         )
 
+    # -- the protocol's optional members ----------------------------------------------
+    @property
+    def calibration_rounds(self) -> int:
+        """Rounds before training: ``max_rounds`` (fewer once :attr:`converged`)."""
+        return int(self.config.max_rounds)
+
+    @property
+    def samples_per_round(self) -> int:
+        """``N`` of Algorithm 1."""
+        return int(self.config.samples_per_round)
+
+    @property
+    def uniform_level(self) -> float:
+        """The starting psi, Flow-GRPO's uniform level by default."""
+        return float(self.config.initial)
+
     # -- bookkeeping ------------------------------------------------------------------
     @property
     def psi(self) -> list[float] | None:

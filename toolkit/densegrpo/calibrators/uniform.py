@@ -23,8 +23,8 @@ class UniformCalibrator:
     """A constant noise level ``a`` for every step (Flow-GRPO, method.md section 1).
 
     ``noise_level(sigmas (T+1,)) -> (T,)`` float32 filled with ``a``; :meth:`update` is a
-    no-op. It shares the reward-aware calibrator's bookkeeping API (``history``,
-    ``converged``, ``done``, ``state_dict``) so the loop treats both alike.
+    no-op. It defines the protocol's optional members (``calibration_rounds`` 0, ``converged``,
+    ``uniform_level``, ``state_dict``) like the reward-aware calibrator.
     """
 
     class Config(BaseModel):
@@ -45,6 +45,15 @@ class UniformCalibrator:
 
     def update(self, stats: CalibrationStats) -> None:
         """A fixed schedule learns nothing."""
+
+    calibration_rounds = 0
+    """A fixed schedule runs no rounds before training."""
+    samples_per_round = None
+
+    @property
+    def uniform_level(self) -> float:
+        """``a`` itself."""
+        return float(self.config.noise_level)
 
     @property
     def converged(self) -> bool:
