@@ -23,28 +23,39 @@ import argparse
 import itertools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from tempfile import TemporaryDirectory
 
 import torch
 
 
-def rollout_with_advantages(trainer, iteration: int, groups: int, group_size: int, same_noise: bool, estimators: dict) -> tuple:
-    """A fresh batch of ``groups x group_size`` training prompts at ``iteration``, rolled out with
-    the trainer's sampler and noise level, scored densely, and its advantages ``(N, T)`` for each
-    of ``estimators``: ``(batch, scored, {name: advantages})``."""
-    from densegrpo.grpo import compute_advantages, rollout_and_score
-    from densegrpo.noise import generator_for
-    from densegrpo.train import TRAIN_STREAM
+@dataclass
+class Rolled:
+    """One scored rollout: ``traj`` and its terminal rewards ``terminal (N,)``."""
 
-    noise_level = trainer.parts.calibrator.noise_level(trainer.sigmas)
-    batch = trainer.make_batch(iteration, TRAIN_STREAM, groups, group_size, same_noise)
-    scored = rollout_and_score(
-        trainer.policy, trainer.parts.sampler, trainer.scorer(batch), batch, trainer.sigmas, noise_level,
-        trainer.world, trainer.engine, generator=generator_for(trainer.config.seed, TRAIN_STREAM, iteration),
-    )
-    clip = trainer.config.train.advantage_clip
-    return batch, scored, {name: compute_advantages(e, scored, group_size, clip) for name, e in estimators.items()}
+    traj: Any
+    terminal: torch.Tensor
+
+
+def rollout_with_advantages(run, iteration: int, groups: int, group_size: int, same_noise: bool, estimators: dict) -> tuple:
+    """A fresh batch of ``groups x group_size`` training prompts at ``iteration``, rolled out with
+    the run's sampler and noise level, scored densely, and its advantages ``(N, T)`` for each
+    of ``estimators``: ``(batch, Rolled, {name: advantages})``."""
+    from densegrpo.batches import TRAIN_STREAM
+    from densegrpo.grpo import rollout
+    from densegrpo.noise import generator_for
+    from densegrpo.rewarding import ScoringPlan, score
+
+    noise_level = run.parts.calibrator.noise_level(run.sigmas)
+    batch = run.batches.draw(iteration, TRAIN_STREAM, groups, group_size, same_noise)
+    traj = rollout(run.policy, run.parts.sampler, batch, run.sigmas, noise_level, generator_for(run.config.seed, TRAIN_STREAM, iteration))
+    every_state = ScoringPlan(dense=True, completion="t", estimator_dense=True)
+    scores = score(run.policy, traj, run.scorer(batch), every_state, run.world, group_size, 1.0)
+    clip = run.config.train.advantage_clip
+    advantages = {name: e(scores.for_estimator).float().clamp(-clip, clip) for name, e in estimators.items()}
+    return batch, Rolled(traj, scores.terminal), advantages
 
 
 def step_gradients(trainer, scored, advantages: dict[str, torch.Tensor], steps: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -82,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from densegrpo import config as cfg, registry
-    from densegrpo.train import Trainer
+    from densegrpo.train import Run
 
     config = cfg.resolve(
         None,
@@ -97,7 +108,7 @@ def main() -> None:
     estimators = {name: registry.load("advantages", name) for name in ("sparse", "dense")}
     gradients: dict[str, list[torch.Tensor]] = {name: [] for name in estimators}
     with TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, Path(run_dir))
+        trainer = Run(config, Path(run_dir))
         for b in range(args.batches):
             started = time.perf_counter()
             iteration = 1000 + b  # away from the iterations of a default run

@@ -55,7 +55,7 @@ def main() -> None:
     from bench_gradient_signal import rollout_with_advantages, step_gradients  # benchmarks/ is on sys.path when run as a script
     from densegrpo import config as cfg, registry
     from densegrpo.evaluate import evaluate_policy
-    from densegrpo.train import Trainer
+    from densegrpo.train import Run
 
     config = cfg.resolve(None, [
         "calibrator.name=uniform", f"calibrator.config.noise_level={args.noise_level}",
@@ -66,7 +66,7 @@ def main() -> None:
     estimators = {name: registry.load("advantages", name) for name in ("sparse", "dense")}
     started = time.perf_counter()
     with TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, Path(run_dir))
+        trainer = Run(config, Path(run_dir))
         params = trainer.policy.trainable_parameters()
         directions = {name: torch.zeros(sum(p.numel() for p in params)) for name in (*estimators, "shuffled")}
         shuffle = torch.Generator().manual_seed(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable
 
@@ -72,3 +73,47 @@ class DenseEveryState:
         advantages = self.inner(rewards)
         self.last_stats = self.inner.last_stats
         return advantages
+
+
+class RecordingHook:
+    """A user hook: adds ``tag_iteration`` to every metrics record and counts its calls."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        tag: str = Field("seen", description="Key prefix written into each record.")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config or self.Config()
+        self.calls: list[str] = []
+
+    def before_training(self, run):
+        self.calls.append("before")
+
+    def after_iteration(self, run, record):
+        self.calls.append("after")
+        record[f"{self.config.tag}_iteration"] = record["iteration"]
+
+    def after_training(self, run, summary):
+        self.calls.append("end")
+        summary[f"{self.config.tag}_calls"] = len(self.calls)
+
+
+class LossForwardSpy(AnalyticPolicy):
+    """Counts the velocity calls made inside ``loss_forward()``, and those outside it."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.inside = 0
+        self.counts = {"loss": 0, "other": 0}
+
+    @contextmanager
+    def loss_forward(self):
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+
+    def velocity(self, x, sigma, cond):
+        self.counts["loss" if self.inside else "other"] += 1
+        return super().velocity(x, sigma, cond)

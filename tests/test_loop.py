@@ -18,7 +18,10 @@ from safetensors.torch import load_file
 from densegrpo import checkpoint as ckpt
 from densegrpo import config as cfg
 from densegrpo.evaluate import paired_gain
-from densegrpo.train import Trainer, load_eval_base, run_training
+from densegrpo.hooks import evaluation
+from densegrpo.hooks.checkpoints import restore
+from densegrpo.hooks.evaluation import eval_scores, load_eval_base
+from densegrpo.train import Run, run_training, train_step
 
 TESTS = Path(__file__).parent
 ANALYTIC = [
@@ -49,8 +52,8 @@ def analytic_config(*extra: str) -> cfg.RunConfig:
 
 @pytest.mark.parametrize("advantage", ["sparse", "dense"])
 def test_first_inner_step_ratio_is_one_and_kl_is_zero(tmp_path, advantage):
-    trainer = Trainer(analytic_config(f"advantage.name={advantage}", "train.beta=0.04"), tmp_path)
-    record = trainer.step(0)
+    trainer = Run(analytic_config(f"advantage.name={advantage}", "train.beta=0.04"), tmp_path)
+    record = train_step(trainer)
     assert record["first_step_ratio_dev"] == 0.0
     assert record["ratio_dev_max"] == 0.0  # one optimizer step per iteration: every step sees the old policy
     assert record["kl"] == 0.0 and record["approx_kl"] == 0.0
@@ -65,10 +68,10 @@ def test_first_inner_step_ratio_is_one_and_kl_is_zero(tmp_path, advantage):
 def test_early_steps_only_score_only_their_states_and_train_identically(tmp_path):
     # timestep_fraction 0.5 of T = 4 trains steps 0 and 1, whose gains read x_0, x_1, x_2
     extra = ["train.timestep_fraction=0.5", "calibrator.name=uniform"]
-    skipping = Trainer(analytic_config("advantage.name=dense", *extra), tmp_path / "a")
-    every = Trainer(analytic_config("advantage.name=loop_components:DenseEveryState", *extra), tmp_path / "b")
+    skipping = Run(analytic_config("advantage.name=dense", *extra), tmp_path / "a")
+    every = Run(analytic_config("advantage.name=loop_components:DenseEveryState", *extra), tmp_path / "b")
     for iteration in range(2):
-        lean, full = skipping.step(iteration), every.step(iteration)
+        lean, full = train_step(skipping), train_step(every)
         # completions: x_0 takes 4 - 1 = 3 velocity calls (first one reused), x_1 2, x_2 1, per sample
         assert lean["nfe_dense"] == 8 * (3 + 2 + 1) and full["nfe_dense"] == 8 * 4 * 3 // 2
         assert lean["reward_mean"] == full["reward_mean"]
@@ -81,20 +84,20 @@ def test_early_steps_only_score_only_their_states_and_train_identically(tmp_path
 def test_evaluation_scores_every_image_of_every_prompt(tmp_path, monkeypatch):
     from loop_components import BrightnessReward
 
-    trainer = Trainer(analytic_config("logging.eval_prompts=3", "logging.eval_images_per_prompt=4"), tmp_path)
+    trainer = Run(analytic_config("logging.eval_prompts=3", "logging.eval_images_per_prompt=4"), tmp_path)
     seen = []
-    real = trainer._eval_images
+    real = evaluation.eval_images
 
-    def recording(prompts):
+    def recording(run, prompts):
         seen.append(list(prompts))
-        return real(prompts)
+        return real(run, prompts)
 
-    monkeypatch.setattr(trainer, "_eval_images", recording)
-    score = trainer.evaluate()
+    monkeypatch.setattr(evaluation, "eval_images", recording)
+    score = float(eval_scores(trainer).mean())
     first_three = [r["prompt"] for r in trainer.test_records[:3]]
     assert seen == [[p for p in first_three for _ in range(4)]]
     # the same prompt's images come from different noise: not one image scored four times
-    images = real(seen[0])
+    images = real(trainer, seen[0])
     assert not torch.equal(images[0], images[1])
     assert score == pytest.approx(float(BrightnessReward()(images, seen[0], None).mean()), abs=1e-6)
 
@@ -123,9 +126,9 @@ def test_logged_eval_gain_is_paired_with_the_base_and_survives_resume(tmp_path):
     for r in evaluated:  # no NaN rewards here, so the mean of the differences is the difference of the means
         assert r["eval_gain"] == pytest.approx(r["eval_reward"] - base_mean, abs=1e-5)
     # the last gain's standard error, recomputed with numpy from a fresh evaluation of the checkpoint
-    trainer = Trainer(analytic_config(*sets, "iterations=4"), tmp_path / "again")
-    trainer.restore(ckpt.latest(run))
-    diff = (trainer.eval_scores() - load_eval_base(run)).double().numpy()
+    trainer = Run(analytic_config(*sets, "iterations=4"), tmp_path / "again")
+    restore(trainer, ckpt.latest(run))
+    diff = (eval_scores(trainer) - load_eval_base(run)).double().numpy()
     assert diff.size == 8 and diff.std() > 0
     assert evaluated[-1]["eval_gain_se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(diff.size), rel=1e-4)
     summary = json.loads((run / "summary.json").read_text())
@@ -135,11 +138,11 @@ def test_logged_eval_gain_is_paired_with_the_base_and_survives_resume(tmp_path):
 def test_training_prompt_evaluation_scores_the_training_prompts_and_survives_resume(tmp_path, monkeypatch):
     sets = ("advantage.name=sparse", "calibrator.name=uniform", "logging.sample_every=2", "checkpoint_every=2",
             "logging.eval_prompts=3", "logging.eval_images_per_prompt=2", "logging.train_eval_images_per_prompt=3")
-    trainer = Trainer(analytic_config(*sets), tmp_path / "probe")
+    trainer = Run(analytic_config(*sets), tmp_path / "probe")
     seen = []
-    real = trainer._eval_images
-    monkeypatch.setattr(trainer, "_eval_images", lambda prompts: (seen.append(list(prompts)), real(prompts))[1])
-    assert trainer.eval_scores("train").shape == (9,)
+    real = evaluation.eval_images
+    monkeypatch.setattr(evaluation, "eval_images", lambda run, prompts: (seen.append(list(prompts)), real(run, prompts))[1])
+    assert eval_scores(trainer, "train").shape == (9,)
     assert seen == [[r["prompt"] for r in trainer.train_records[:3] for _ in range(3)]]
     assert seen[0] != [r["prompt"] for r in trainer.test_records[:3] for _ in range(3)]  # not the held-out prompts
 
@@ -158,9 +161,8 @@ def test_training_prompt_evaluation_scores_the_training_prompts_and_survives_res
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_eval_gain_final"] == evaluated[-1]["train_eval_gain"]
 
-    # off (LoggingConfig's default; the toy main job turns it on): no train_eval keys anywhere
-    assert cfg.LoggingConfig().train_eval_images_per_prompt == 0
-    assert cfg.default_config().logging.train_eval_images_per_prompt == 32
+    # one default, in LoggingConfig (the toy main job's 32); 0 turns it off: no train_eval keys anywhere
+    assert cfg.LoggingConfig().train_eval_images_per_prompt == cfg.default_config().logging.train_eval_images_per_prompt == 32
     plain = tmp_path / "plain"
     run_training(analytic_config(*sets[:-1], "logging.train_eval_images_per_prompt=0", "iterations=2"), plain)
     rows = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
@@ -170,18 +172,18 @@ def test_training_prompt_evaluation_scores_the_training_prompts_and_survives_res
 
 
 def test_one_optimizer_step_changes_trainable_and_not_frozen(tmp_path):
-    trainer = Trainer(analytic_config("advantage.name=sparse"), tmp_path)
+    trainer = Run(analytic_config("advantage.name=sparse"), tmp_path)
     mu_before = trainer.policy.mu.detach().clone()
     std_before = trainer.policy.log_std.detach().clone()
-    trainer.step(0)
+    train_step(trainer)
     assert not torch.equal(trainer.policy.mu.detach(), mu_before)
     assert torch.equal(trainer.policy.log_std.detach(), std_before)
 
 
 def test_second_iteration_sees_a_changed_policy_and_reference_stays_base(tmp_path):
-    trainer = Trainer(analytic_config("advantage.name=sparse", "train.beta=0.04"), tmp_path)
-    trainer.step(0)
-    record = trainer.step(1)
+    trainer = Run(analytic_config("advantage.name=sparse", "train.beta=0.04"), tmp_path)
+    train_step(trainer)
+    record = train_step(trainer)
     assert record["kl"] > 0.0  # the policy moved away from the base model
     with trainer.policy.reference():
         assert torch.equal(trainer.policy.mu.detach(), torch.zeros_like(trainer.policy.mu))
@@ -245,26 +247,35 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 @pytest.mark.parametrize("advantage", ["sparse", "dense"])
 def test_multi_reward_sum_of_advantages_equals_weighted_per_reward_advantages(tmp_path, advantage):
     from densegrpo import registry
-    from densegrpo.grpo import compute_advantages, rollout_and_score
+    from densegrpo.batches import TRAIN_STREAM
+    from densegrpo.grpo import rollout
     from densegrpo.protocols import RewardBatch
+    from densegrpo.rewarding import score
 
-    config = cfg.resolve(None, [*ANALYTIC, f"advantage.name={advantage}", "reward_combine=sum-advantages"])
-    data = config.model_dump(mode="json")
+    data = cfg.resolve(None, [*ANALYTIC, f"advantage.name={advantage}"]).model_dump(mode="json")
     data["rewards"].append({"name": "loop_components:BrightnessReward", "weight": 0.5, "config": {"target": 0.2}})
+    data["reward_combine"] = "sum-advantages"
     config = cfg.validate(data)
-    trainer = Trainer(config, tmp_path)
-    batch = trainer.make_batch(0, 1, 2, 4, False)
-    engine = trainer.engine if advantage == "dense" else None
-    scored = rollout_and_score(trainer.policy, trainer.parts.sampler, trainer.scorer(batch, True), batch, trainer.sigmas, trainer.parts.calibrator.noise_level(trainer.sigmas), trainer.world, engine)
-    combined = compute_advantages(trainer.parts.advantage, scored, 4, 100.0, weights=[1.0, 0.5])
+    trainer = Run(config, tmp_path)
+    plan = trainer.plans[False]
+    assert plan.per_reward and plan.dense == (advantage == "dense")
+    batch = trainer.batches.draw(0, TRAIN_STREAM, 2, 4, False)
+    traj = rollout(trainer.policy, trainer.parts.sampler, batch, trainer.sigmas, trainer.parts.calibrator.noise_level(trainer.sigmas))
+    scores = score(trainer.policy, traj, trainer.scorer(batch), plan, trainer.world, 4, 1.0)
+    per_reward = scores.for_estimator
+    assert per_reward.terminal.shape == (8, 2)
+    combined = trainer.parts.advantage(per_reward)
     estimator = registry.load("advantages", advantage)
     expected = torch.zeros_like(combined)
     for r, weight in enumerate([1.0, 0.5]):
-        dense = scored.dense_per_reward[..., r] if advantage == "dense" else None
-        expected += weight * estimator(RewardBatch(scored.terminal_per_reward[:, r], dense, 4, 4))
+        dense = per_reward.dense[..., r] if advantage == "dense" else None
+        expected += weight * estimator(RewardBatch(per_reward.terminal[:, r], dense, 4, 4))
     assert torch.allclose(combined, expected, atol=1e-6)
-    assert not torch.allclose(combined, compute_advantages(estimator, scored.__class__(**{**scored.__dict__, "terminal_per_reward": None}), 4, 100.0), atol=1e-3)
-    record = trainer.step(0)
+    # the weighted terminal reward is the sum of the columns with the weights
+    assert torch.allclose(scores.terminal, per_reward.terminal @ torch.tensor([1.0, 0.5]), atol=1e-6)
+    summed = RewardBatch(scores.terminal, scores.dense.rewards if advantage == "dense" else None, 4, 4)
+    assert not torch.allclose(combined, estimator(summed), atol=1e-3)
+    record = train_step(trainer)
     assert record["reward_mean"] == record["reward_mean"]  # finite
 
 
@@ -280,8 +291,8 @@ def test_sde_window_choice_follows_the_loop_generator_for_exact_resume():
 
 
 def test_ema_weights_are_used_for_evaluation_and_trained_weights_restored(tmp_path):
-    trainer = Trainer(analytic_config("advantage.name=sparse", "calibrator.name=uniform", "train.ema_decay=0.5"), tmp_path)
-    trainer.step(0)
+    trainer = Run(analytic_config("advantage.name=sparse", "calibrator.name=uniform", "train.ema_decay=0.5"), tmp_path)
+    train_step(trainer)
     trained = trainer.policy.mu.detach().clone()
     seen = []
     original = trainer.policy.load_trainable_state_dict
@@ -291,8 +302,8 @@ def test_ema_weights_are_used_for_evaluation_and_trained_weights_restored(tmp_pa
         original(state)
 
     trainer.policy.load_trainable_state_dict = spy
-    trainer.evaluate()
-    assert torch.equal(seen[0]["mu"], trainer.ema["mu"]) and not torch.equal(trainer.ema["mu"], trained)
+    eval_scores(trainer)
+    assert torch.equal(seen[0]["mu"], trainer.ema.state["mu"]) and not torch.equal(trainer.ema.state["mu"], trained)
     assert torch.equal(trainer.policy.mu.detach(), trained)
 
 
@@ -314,8 +325,57 @@ def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
 
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     from densegrpo.errors import UserError
-    from densegrpo.train import open_tensorboard
+    from densegrpo.hooks.tensorboard import open_tensorboard
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     with pytest.raises(UserError, match="pip install 'densegrpo\\[tensorboard\\]'"):
         open_tensorboard(tmp_path)
+
+
+def test_user_hooks_from_the_config_and_from_python_run_before_metrics_are_written(tmp_path):
+    from loop_components import RecordingHook
+
+    added = RecordingHook(RecordingHook.Config(tag="python"))
+    config = analytic_config("iterations=2", "advantage.name=sparse", "calibrator.name=uniform")
+    data = config.model_dump(mode="json")
+    data["hooks"] = [{"name": "loop_components:RecordingHook", "config": {"tag": "configured"}}]
+    summary = run_training(cfg.validate(data), tmp_path / "run", hooks=[added])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["configured_iteration"] for r in rows] == [0, 1]
+    assert [r["python_iteration"] for r in rows] == [0, 1]
+    assert added.calls == ["before", "after", "after", "end"]
+    assert summary["python_calls"] == 4 and json.loads((tmp_path / "run" / "summary.json").read_text())["configured_calls"] == 4
+
+
+def test_a_hook_with_only_some_methods_gets_the_declared_no_op_defaults(tmp_path):
+    class CountIterations:
+        seen = 0
+
+        def after_iteration(self, run, record):
+            CountIterations.seen += 1
+
+    run_training(analytic_config("iterations=2", "advantage.name=sparse", "calibrator.name=uniform"), tmp_path / "run", hooks=[CountIterations()])
+    assert CountIterations.seen == 2
+
+
+def test_the_loss_forward_passes_and_only_they_run_inside_loss_forward(tmp_path):
+    trainer = Run(analytic_config("policy.name=loop_components:LossForwardSpy", "advantage.name=sparse", "calibrator.name=uniform", "train.beta=0.04"), tmp_path)
+    policy = trainer.policy
+    policy.counts.update(loss=0, other=0)
+    record = train_step(trainer)
+    # T = 4 steps, 3 trained (timestep_fraction 0.99); one batched call per step for the policy, one for the reference
+    assert policy.counts["loss"] == 3 * 2 and record["nfe_train"] == 8 * 3 * 2
+    assert policy.counts["other"] == 4  # the rollout's T velocity calls; no dense engine for the sparse estimator
+
+
+@pytest.mark.parametrize("dense, step_local, per_reward", [(False, False, False), (True, True, False), (True, False, True)])
+def test_the_scoring_plan_follows_what_the_estimator_and_calibrator_declare(dense, step_local, per_reward):
+    from densegrpo.protocols import RewardNeeds
+    from densegrpo.rewarding import plan_scoring
+
+    needs = RewardNeeds(dense=dense, completion=2 if dense else "t", step_local=step_local, per_reward=per_reward)
+    plain, calibrating = plan_scoring(needs, False), plan_scoring(needs, True)
+    assert plain.dense == dense and plain.step_local == step_local and plain.per_reward == per_reward
+    assert plain.completion == (2 if dense else "t") and plain.estimator_dense == dense
+    # online calibration needs every state's gain: dense, nothing skipped, and for a sparse estimator bought for the calibrator
+    assert calibrating.dense and not calibrating.step_local and calibrating.estimator_dense == dense

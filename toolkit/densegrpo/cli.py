@@ -38,7 +38,7 @@ bench_app = typer.Typer(help="Benchmarks that compare credit-assignment schemes.
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 
-KIND_HELP = "One of: policies, samplers, rewards, advantages, calibrators."
+KIND_HELP = "One of: policies, samplers, rewards, advantages, calibrators, hooks."
 SET_HELP = "Override a config value, e.g. --set train.beta=0.01 --set iterations=5 (repeatable)."
 
 
@@ -142,7 +142,7 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/calibrate-<timestamp>)."),
 ) -> None:
     """Run reward-aware calibration alone; writes psi per step and round (JSON) and a PNG."""
-    from densegrpo.train import calibrate_from_cli
+    from densegrpo.hooks.calibration import calibrate_from_cli
 
     path = calibrate_from_cli(config, overrides, out)
     typer.echo(str(path))

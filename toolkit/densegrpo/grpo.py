@@ -1,124 +1,100 @@
-"""The GRPO loop, in the order of method.md section 2:
+"""One GRPO iteration, in the order of method.md sections 2 and 3:
 
     rollout -> rewards -> advantages -> per-step clipped loss + KL -> optimizer step
 
-Symbols follow the papers: ``ratio``, ``clip_range`` (epsilon), ``advantages`` (A),
-``beta``, ``noise_level`` (a_t or psi(t)), ``sigmas``. Bookkeeping (run folders, metrics
-files, checkpoints, plots) lives in :mod:`densegrpo.train`; this module only does maths
-and returns numbers.
+:func:`iteration` is the whole algorithm; it returns numbers. Symbols follow the papers:
+``ratio``, ``clip_range`` (epsilon), ``advantages`` (A), ``beta``, ``noise_level`` (a_t or
+psi(t)), ``sigmas``. Bookkeeping (calibration rounds, evaluation, checkpoints, metrics,
+pictures) are hooks around it (:mod:`densegrpo.hooks`), run by :mod:`densegrpo.train`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from densegrpo.build import WeightedReward
+from densegrpo.batches import Batch
 from densegrpo.config import TrainConfig
-from densegrpo.dense import DenseRewardEngine
 from densegrpo.distributed import DataParallel, World
 from densegrpo.errors import UserError
-from densegrpo.protocols import CalibrationStats, DenseRewards, RewardBatch, Trajectory
+from densegrpo.protocols import AdvantageEstimator, DenseRewards, Policy, Sampler, Trajectory
+from densegrpo.reward_scorer import RewardScorer
+from densegrpo.rewarding import Scores, ScoringPlan, score, trained_step_mask
 
 
 @dataclass
-class Batch:
-    """One rank's share of a global batch. Rows are samples; groups are contiguous globally.
+class Learner:
+    """What an iteration reads and updates.
 
     Attributes:
-        prompts: ``n`` prompt strings (the rank's rows).
-        metadata: ``n`` GenEval-style metadata dicts (or ``None``).
-        noise: ``(n, C, h, w)`` initial noise.
-        step_noise: ``(n, T, C, h, w)`` per-step Gaussian draws.
-        global_size: ``N``, samples in the whole batch over all ranks.
+        policy, sampler, estimator: the run's components.
+        optimizer: AdamW over ``policy.trainable_parameters()``.
+        parallel: DDP/FSDP wrapper state (a no-op in one process).
+        train: the objective's settings (method.md section 2).
+        sigmas: ``(T+1,)`` the sampling grid, from 1 to 0.
     """
 
-    prompts: list[str]
-    metadata: list[dict[str, Any] | None]
-    noise: Tensor
-    step_noise: Tensor
-    global_size: int
+    policy: Policy
+    sampler: Sampler
+    estimator: AdvantageEstimator
+    optimizer: torch.optim.Optimizer
+    parallel: DataParallel
+    train: TrainConfig
+    sigmas: Tensor
 
-
-class RewardScorer:
-    """Scores decoded images of a batch with the configured rewards.
-
-    ``scorer(images (M,3,H,W), rows (M,))`` binds each image to its sample's prompt and
-    metadata and returns the weighted sum ``(M,)`` of the rewards (Flow-GRPO's multi-reward),
-    or, with ``per_reward=True``, the raw scores ``(M, R)`` (for a weighted sum of per-reward
-    advantages). NaN from a reward makes the sum NaN ("not applicable").
-    """
-
-    def __init__(self, rewards: list[WeightedReward], prompts: list[str], metadata: list[dict[str, Any] | None], per_reward: bool = False):
-        self.rewards = rewards
-        self.prompts = prompts
-        self.metadata = metadata
-        self.per_reward = per_reward
-        self.weights = torch.tensor([r.weight for r in rewards], dtype=torch.float32)
-        self.calls = 0
-
-    def raw(self, images: Tensor, rows: Tensor) -> Tensor:
-        """``(M, R)`` raw scores of each reward."""
-        index = rows.tolist()
-        prompts = [self.prompts[i] for i in index]
-        metadata = [self.metadata[i] for i in index]
-        self.calls += int(images.shape[0])
-        columns = [r.model(images.float(), prompts, metadata).float().reshape(-1).cpu() for r in self.rewards]
-        return torch.stack(columns, dim=1)
-
-    def combine(self, raw: Tensor) -> Tensor:
-        """Weighted sum over the last dimension ``(..., R) -> (...)``."""
-        return (raw * self.weights).sum(dim=-1)
-
-    def __call__(self, images: Tensor, rows: Tensor) -> Tensor:
-        raw = self.raw(images, rows)
-        return raw if self.per_reward else self.combine(raw)
+    @property
+    def world(self) -> World:
+        return self.parallel.world
 
 
 @dataclass
-class Scored:
-    """Rollout plus rewards of one iteration, gathered over ranks where it matters."""
+class IterationResult:
+    """What :func:`iteration` returns: its ``numbers`` (one metrics record, without the
+    iteration index), the ``scores`` (the calibrator learns from their gains) and the
+    ``noise_level (T,)`` the rollout used."""
 
-    traj: Trajectory
-    terminal: Tensor  # (N,) global, weighted sum of the rewards
-    dense: DenseRewards | None  # rewards (N, T+1) global, papers' order, weighted sum
-    nfe_rollout: int
-    nfe_dense: int
-    reward_calls: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    terminal_per_reward: Tensor | None = None  # (N, R) raw, when scoring per reward
-    dense_per_reward: Tensor | None = None  # (N, T+1, R) raw, papers' order
+    numbers: dict[str, Any]
+    scores: Scores
+    noise_level: Tensor
 
 
-def rollout_and_score(
-    policy: Any,
-    sampler: Any,
-    scorer: RewardScorer,
-    batch: Batch,
-    sigmas: Tensor,
-    noise_level: Tensor,
-    world: World,
-    engine: DenseRewardEngine | None,
-    generator: torch.Generator | None = None,
-    trained_fraction: float | None = None,
-) -> Scored:
-    """Steps 1 and 2: sample trajectories with ``noise_level`` and score them.
+def iteration(learner: Learner, batch: Batch, noise_level: Tensor, plan: ScoringPlan, scorer: RewardScorer,
+              generator: torch.Generator | None = None) -> IterationResult:
+    """One GRPO iteration on this rank's share ``batch`` of the global batch.
 
-    With ``engine`` set, every state is scored: ``R_t = R(ODE_n(x_t))`` (DenseGRPO, method.md
-    section 3); otherwise only ``R(x_0)`` (Flow-GRPO). With ``trained_fraction`` (the
-    ``timestep_fraction`` of a step-local estimator), only the states that the trained steps
-    read are scored (see :func:`trained_states`) and the other ``R_t`` are NaN.
+    ``noise_level (T,)`` is the SDE noise level of every step (a, or the calibrated psi);
+    ``plan`` says what is scored; ``scorer`` binds the batch's prompts to the rewards.
     """
-    device = policy.device
+    train = learner.train
     started = time.perf_counter()
+    # 1. rollout: T SDE steps from x_T ~ N(0, I), with the old policy's log-probs
+    traj = rollout(learner.policy, learner.sampler, batch, learner.sigmas, noise_level, generator)
+    rolled = time.perf_counter()
+    # 2. rewards: R(x_0), or R_t = R(ODE_n(x_t)) for every state the advantages read
+    scores = score(learner.policy, traj, scorer, plan, learner.world, train.group_size, train.timestep_fraction)
+    scored = time.perf_counter()
+    # 3. advantages A (N, T) over the global batch, clipped to +-advantage_clip; then this rank's rows
+    advantages = learner.estimator(scores.for_estimator).float().clamp(-train.advantage_clip, train.advantage_clip)
+    local_advantages = advantages[learner.world.shard(batch.global_size)]
+    # 4. per-step clipped surrogate + beta * KL to the reference, optimizer step(s)
+    update = update_policy(learner, traj, local_advantages)
+    seconds = {"iteration_s": time.perf_counter() - started, "rollout_s": rolled - started, "reward_s": scored - rolled}
+    numbers = iteration_numbers(learner, traj, scores, noise_level, advantages, update, seconds)
+    return IterationResult(numbers, scores, noise_level)
+
+
+def rollout(policy: Policy, sampler: Sampler, batch: Batch, sigmas: Tensor, noise_level: Tensor,
+            generator: torch.Generator | None = None) -> Trajectory:
+    """Step 1: sample ``batch``'s trajectories (no gradients), ``latents (n, T+1, C, h, w)``."""
+    device = policy.device
     with torch.no_grad():
         cond = policy.encode(batch.prompts)
-        traj = sampler.rollout(
+        return sampler.rollout(
             policy,
             cond,
             batch.noise.to(device),
@@ -127,79 +103,6 @@ def rollout_and_score(
             step_noise=batch.step_noise.to(device),
             generator=generator,
         )
-    rolled = time.perf_counter()
-    local_rows = torch.arange(traj.num_samples)
-    calls_before = scorer.calls
-    terminal_raw = dense_raw = None
-    with torch.no_grad():
-        if engine is not None:
-            states = None if trained_fraction is None else trained_states(traj, trained_fraction)
-            dense_local = engine(policy, traj, scorer, states)
-            gathered = world.gather(dense_local.rewards.float().cpu())
-            nfe_dense = int(world.sum(dense_local.nfe))
-            if scorer.per_reward:
-                dense_raw, terminal_raw = gathered, gathered[:, 0]
-                gathered = scorer.combine(gathered)
-            dense = DenseRewards(gathered, nfe=nfe_dense, reward_calls=0)
-            terminal = dense.terminal
-        else:
-            values = world.gather(scorer(policy.decode(traj.final), local_rows).float())
-            if scorer.per_reward:
-                terminal_raw, values = values, scorer.combine(values)
-            terminal, dense, nfe_dense = values, None, 0
-    scored = time.perf_counter()
-    return Scored(
-        traj=traj,
-        terminal=terminal,
-        dense=dense,
-        nfe_rollout=int(world.sum(traj.num_samples * traj.num_steps)),
-        nfe_dense=nfe_dense,
-        reward_calls=int(world.sum(scorer.calls - calls_before)),
-        seconds={"rollout_s": rolled - started, "reward_s": scored - rolled},
-        terminal_per_reward=terminal_raw,
-        dense_per_reward=dense_raw,
-    )
-
-
-def compute_advantages(
-    estimator: Any, scored: Scored, group_size: int, advantage_clip: float, weights: list[float] | None = None
-) -> Tensor:
-    """Step 3: advantages ``(N, T)`` on the global batch, clipped to +-advantage_clip (method.md section 2).
-
-    With per-reward scores in ``scored`` (and their ``weights``), the estimator runs once per
-    reward and the advantages are summed with the weights; otherwise it runs on the weighted
-    sum of rewards (Flow-GRPO).
-    """
-    T = scored.traj.num_steps
-    use_dense = scored.dense is not None
-    if scored.terminal_per_reward is None or weights is None:
-        batch = RewardBatch(scored.terminal, scored.dense.rewards if use_dense else None, T, group_size)
-        advantages = estimator(batch)
-    else:
-        from densegrpo.advantages.multi import combine_advantages
-
-        per_reward = []
-        for r in range(scored.terminal_per_reward.shape[1]):
-            dense_r = scored.dense_per_reward[..., r] if (use_dense and scored.dense_per_reward is not None) else None
-            per_reward.append(estimator(RewardBatch(scored.terminal_per_reward[:, r], dense_r, T, group_size)))
-        advantages = combine_advantages(per_reward, weights)
-    return advantages.float().clamp(-advantage_clip, advantage_clip)
-
-
-def trained_step_mask(traj: Trajectory, timestep_fraction: float) -> Tensor:
-    """``(n, T)`` bool: steps that enter the loss; the last steps are dropped by ``timestep_fraction``."""
-    num_train = max(1, int(traj.num_steps * timestep_fraction))
-    mask = traj.trained_steps.clone().bool()
-    mask[:, num_train:] = False
-    return mask
-
-
-def trained_states(traj: Trajectory, timestep_fraction: float) -> list[int]:
-    """Step indices of the states a step-local advantage reads: ``x_k`` and ``x_{k+1}`` of every
-    trained step ``k`` (the final sample ``x_T`` is always scored by the engine)."""
-    trained = trained_step_mask(traj, timestep_fraction).any(dim=0)
-    steps = [k for k in range(traj.num_steps) if bool(trained[k])]
-    return sorted(set(steps) | {k + 1 for k in steps})
 
 
 def local_minibatch(minibatch_size: int, local_samples: int, world_size: int) -> int:
@@ -214,16 +117,58 @@ def local_minibatch(minibatch_size: int, local_samples: int, world_size: int) ->
     return minibatch_size // world_size
 
 
-def update_policy(
-    policy: Any,
-    sampler: Any,
-    optimizer: torch.optim.Optimizer,
-    traj: Trajectory,
-    advantages: Tensor,
-    train: TrainConfig,
-    parallel: DataParallel,
-) -> dict[str, float]:
-    """Step 4: per-step clipped surrogate plus KL to the reference, one optimizer step per minibatch.
+@dataclass
+class StepLoss:
+    """The loss of one denoising step ``k`` on a minibatch, and what is logged about it."""
+
+    loss: Tensor
+    policy_loss: float
+    kl: float
+    approx_kl: float
+    clipfrac: float
+    ratio_dev_max: float
+
+
+def step_loss(policy: Policy, sampler: Sampler, part: Trajectory, k: int, A: Tensor, use: Tensor, train: TrainConfig) -> StepLoss:
+    """Step ``k``'s clipped surrogate plus KL (method.md section 2) on the rows of ``part``.
+
+    ``A (n,)`` are the rows' advantages at step ``k``; ``use (n,)`` marks the rows trained at ``k``.
+    """
+    clip_range, beta = train.clip_range, train.beta
+    with policy.loss_forward():
+        # log p_theta(x_{t-1} | x_t) and its mean, with gradients
+        log_prob, mean = sampler.log_prob(policy, part, k)
+        old_log_prob = part.log_probs[:, k]
+        A = A.to(log_prob.device)
+        # ratio = exp(log p_theta - log p_old)
+        ratio = torch.exp(log_prob - old_log_prob)
+        # L_clip = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+        unclipped = -A * ratio
+        clipped = -A * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+        policy_loss = torch.maximum(unclipped, clipped)[use].mean()
+        # L_kl = (mean_theta - mean_ref)^2 / (2 std_t^2), closed-form Gaussian KL to the base model
+        if beta > 0:
+            with torch.no_grad(), policy.reference():
+                _, mean_ref = sampler.log_prob(policy, part, k)
+            std = part.step_std[k].clamp_min(1e-12)
+            kl = (((mean - mean_ref) ** 2).flatten(1).mean(dim=1) / (2 * std**2))[use].mean()
+        else:
+            kl = torch.zeros((), device=log_prob.device)
+    loss = policy_loss + beta * kl
+    with torch.no_grad():
+        deviation = (ratio[use] - 1.0).abs()
+        return StepLoss(
+            loss=loss,
+            policy_loss=float(policy_loss),
+            kl=float(kl),
+            approx_kl=float(0.5 * ((log_prob - old_log_prob)[use] ** 2).mean()),
+            clipfrac=float((deviation > clip_range).float().mean()),
+            ratio_dev_max=float(deviation.max()),
+        )
+
+
+def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor) -> dict[str, float]:
+    """Step 4: :func:`step_loss` over the trained steps, one optimizer step per minibatch.
 
     ``advantages (n, T)`` are this rank's rows. ``train.minibatch_size`` counts samples of the
     global batch, so each rank takes ``minibatch_size / W`` of its rows per optimizer step and
@@ -232,68 +177,61 @@ def update_policy(
     the policy) averages them over ranks in the last backward of the minibatch only. Then
     they are clipped by norm and AdamW steps.
     """
-    clip_range, beta = train.clip_range, train.beta
+    train, parallel, policy = learner.train, learner.parallel, learner.policy
     mask = trained_step_mask(traj, train.timestep_fraction)
-    parameters = policy.trainable_parameters()
     n = traj.num_samples
     minibatch = local_minibatch(train.minibatch_size, n, parallel.world.world_size)
-    totals = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, "ratio_dev_max": 0.0, "grad_norm": 0.0}
-    terms, updates, nfe_train = 0, 0, 0
-    first_ratio_dev = None
+    losses: list[StepLoss] = []
+    grad_norms: list[float] = []
+    nfe_train = 0
     for _epoch in range(train.inner_epochs):
         for start in range(0, n, minibatch):
             rows = list(range(start, min(n, start + minibatch)))
-            part = traj.select(rows)
-            part_mask = mask[rows]
+            part, part_mask = traj.select(rows), mask[rows]
             steps = [k for k in range(traj.num_steps) if bool(part_mask[:, k].any())]
             for k in steps:
                 with parallel.gradient_sync(k == steps[-1]):
-                    use = part_mask[:, k]
-                    # log p_theta(x_{t-1} | x_t) and its mean, with gradients
-                    log_prob, mean = sampler.log_prob(policy, part, k)
-                    nfe_train += len(rows)
-                    old_log_prob = part.log_probs[:, k]
-                    A = advantages[rows, k].to(log_prob.device)
-                    # ratio = exp(log p_theta - log p_old)
-                    ratio = torch.exp(log_prob - old_log_prob)
-                    # L_clip = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
-                    unclipped = -A * ratio
-                    clipped = -A * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-                    policy_loss = torch.maximum(unclipped, clipped)[use].mean()
-                    # L_kl = (mean_theta - mean_ref)^2 / (2 std_t^2), closed-form Gaussian KL to the base model
-                    if beta > 0:
-                        with torch.no_grad(), policy.reference():
-                            _, mean_ref = sampler.log_prob(policy, part, k)
-                        nfe_train += len(rows)
-                        std = part.step_std[k].clamp_min(1e-12)
-                        kl_per_sample = ((mean - mean_ref) ** 2).flatten(1).mean(dim=1) / (2 * std**2)
-                        kl = kl_per_sample[use].mean()
-                    else:
-                        kl = torch.zeros((), device=log_prob.device)
-                    loss = policy_loss + beta * kl
-                    (loss / len(steps)).backward()
-                with torch.no_grad():
-                    deviation = (ratio[use] - 1.0).abs()
-                    if first_ratio_dev is None:
-                        first_ratio_dev = float(deviation.max())
-                    totals["policy_loss"] += float(policy_loss)
-                    totals["kl"] += float(kl)
-                    totals["approx_kl"] += float(0.5 * ((log_prob - old_log_prob)[use] ** 2).mean())
-                    totals["clipfrac"] += float((deviation > clip_range).float().mean())
-                    totals["ratio_dev_max"] = max(totals["ratio_dev_max"], float(deviation.max()))
-                terms += 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip)
-            totals["grad_norm"] += float(grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            updates += 1
-    stats = {k: v / max(terms, 1) for k, v in totals.items() if k not in {"ratio_dev_max", "grad_norm"}}
-    stats["ratio_dev_max"] = totals["ratio_dev_max"]
-    stats["grad_norm"] = totals["grad_norm"] / max(updates, 1)
-    stats["first_step_ratio_dev"] = first_ratio_dev if first_ratio_dev is not None else math.nan
-    stats["nfe_train"] = float(parallel.world.sum(nfe_train))
-    stats["trained_steps"] = float(sum(1 for k in range(traj.num_steps) if bool(mask[:, k].any())))
-    return stats
+                    term = step_loss(policy, learner.sampler, part, k, advantages[rows, k], part_mask[:, k], train)
+                    (term.loss / len(steps)).backward()
+                losses.append(term)
+                nfe_train += len(rows) * (2 if train.beta > 0 else 1)
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), train.grad_clip)))
+            learner.optimizer.step()
+            learner.optimizer.zero_grad(set_to_none=True)
+    count = max(len(losses), 1)
+    return {
+        "policy_loss": sum(t.policy_loss for t in losses) / count,
+        "kl": sum(t.kl for t in losses) / count,
+        "approx_kl": sum(t.approx_kl for t in losses) / count,
+        "clipfrac": sum(t.clipfrac for t in losses) / count,
+        "ratio_dev_max": max([0.0] + [t.ratio_dev_max for t in losses]),
+        "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+        "first_step_ratio_dev": losses[0].ratio_dev_max if losses else math.nan,
+        "nfe_train": float(parallel.world.sum(nfe_train)),
+        "trained_steps": float(sum(1 for k in range(traj.num_steps) if bool(mask[:, k].any()))),
+    }
+
+
+def iteration_numbers(learner: Learner, traj: Trajectory, scores: Scores, noise_level: Tensor, advantages: Tensor,
+                      update: dict[str, float], seconds: dict[str, float]) -> dict[str, Any]:
+    """The metrics record of one iteration (the run adds ``iteration`` and its totals)."""
+    terminal = scores.terminal
+    zero_std = learner.estimator.last_stats.get("zero_std_ratio")
+    return {
+        "reward_mean": nanmean(terminal),
+        "reward_std": nanstd(terminal),
+        **dense_gain_stats(scores.dense),
+        "noise_level": [round(float(v), 6) for v in noise_level],
+        **{k: update[k] for k in ("approx_kl", "kl", "clipfrac", "policy_loss", "grad_norm", "first_step_ratio_dev", "ratio_dev_max")},
+        "zero_std_ratio": float(zero_std if zero_std is not None else zero_std_ratio(terminal, learner.train.group_size)),
+        "nan_rewards": int(torch.isnan(terminal).sum()),
+        "advantage_abs_mean": float(advantages.abs().mean()),
+        "nfe_rollout": int(learner.world.sum(traj.num_samples * traj.num_steps)),
+        "nfe_dense": scores.nfe_dense,
+        "nfe_train": int(update["nfe_train"]),
+        "reward_calls": scores.reward_calls,
+        **{k: round(v, 4) for k, v in seconds.items()},
+    }
 
 
 def dense_gain_stats(dense: DenseRewards | None) -> dict[str, Any]:
@@ -313,5 +251,19 @@ def dense_gain_stats(dense: DenseRewards | None) -> dict[str, Any]:
     return {"dense_gain_mean": per_step(mean, 6), "dense_gain_pos_frac": per_step(positive, 4)}
 
 
-def calibration_stats(dense: DenseRewards, sigmas: Tensor, noise_level: Tensor) -> CalibrationStats:
-    return CalibrationStats(gains=dense.gains(), sigmas=sigmas.cpu(), noise_level=noise_level.cpu())
+def nanmean(values: Tensor) -> float:
+    """Mean of the non-NaN entries (NaN if there are none)."""
+    valid = values[~torch.isnan(values)]
+    return float(valid.mean()) if valid.numel() else math.nan
+
+
+def nanstd(values: Tensor) -> float:
+    """Population std of the non-NaN entries (0 for fewer than two)."""
+    valid = values[~torch.isnan(values)]
+    return float(valid.std(unbiased=False)) if valid.numel() > 1 else 0.0
+
+
+def zero_std_ratio(terminal: Tensor, group_size: int) -> float:
+    """Share of prompt groups whose terminal rewards ``(N,)`` are all equal."""
+    groups = terminal.reshape(-1, group_size)
+    return float((torch.nan_to_num(groups).std(dim=1, unbiased=False) < 1e-8).float().mean())
