@@ -90,3 +90,21 @@ def test_set_switching_component_name_drops_previous_options():
     run = cfg.resolve(None, ["calibrator.config.max_rounds=3", "calibrator.name=uniform", "advantage.name=dense", "advantage.config.completion=2"])
     assert run.calibrator.name == "uniform" and run.calibrator.config == {}
     assert run.advantage.config == {"completion": 2}
+
+
+@pytest.mark.parametrize("overrides, fix", [
+    (["train.minibatch_size=65"], "set it to at most 64"),
+    (["reward_combine=sum-advantages"], "use reward_combine=sum-rewards"),
+])
+def test_checks_across_sections_fail_up_front_with_the_fix_and_without_echoing_the_config(overrides, fix):
+    with pytest.raises(ConfigError) as error:
+        cfg.resolve(None, overrides)
+    message = str(error.value)
+    assert fix in message and "'policy'" not in message and "Value error" not in message
+
+
+def test_each_default_lives_in_its_model():
+    # the run's defaults are its sections' own: what `config show` describes is what a bare model gives
+    run = cfg.default_config()
+    assert run.logging == cfg.LoggingConfig() and run.prompts == cfg.PromptConfig() and run.train == cfg.TrainConfig()
+    assert run.sampling == cfg.SamplingConfig() and run.calibration == cfg.CalibrationConfig()

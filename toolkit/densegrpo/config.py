@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from densegrpo.errors import ConfigError
 
@@ -47,8 +47,9 @@ class PromptConfig(BaseModel):
 
     model_config = STRICT
     train: str = Field(
-        "toy-train",
-        description="Training prompts: 'toy-train', 'toy-train-focus', 'toy-test' or a path to a GenEval-format JSONL "
+        "toy-train-focus",
+        description="Training prompts (the toy run: the 8 prompts of toy-train-focus): 'toy-train', 'toy-train-focus', "
+        "'toy-test' or a path to a GenEval-format JSONL "
         "(one {'prompt', 'tag', 'include', ...} object per line) or a plain text file (one prompt per line).",
     )
     test: str = Field("toy-test", description="Evaluation prompts, same formats as `train`.")
@@ -100,7 +101,8 @@ class LoggingConfig(BaseModel):
 
     model_config = STRICT
     sample_every: int = Field(
-        20, ge=0, description="Write a PNG sample grid and run the evaluation every K iterations (0: only at the end)."
+        60, ge=0, description="Write a PNG sample grid and run the evaluation every K iterations (0: only at the end; "
+        "the toy run's 60 evaluates before training and at its end)."
     )
     sample_prompts: int = Field(8, ge=0, le=64, description="Test prompts shown in each sample grid (0: no grids).")
     eval_prompts: int = Field(
@@ -112,8 +114,8 @@ class LoggingConfig(BaseModel):
         "and a smaller eval_gain_se; the toy run's 81 x 4 costs about 25 s per evaluation on 2 CPU threads)."
     )
     train_eval_images_per_prompt: int = Field(
-        0, ge=0, le=64, description="ODE images per training prompt for a second evaluation, on the first eval_prompts prompts of "
-        "prompts.train, the prompts the policy is optimised on (0: off). Logged as train_eval_reward, with train_eval_gain +- "
+        32, ge=0, le=64, description="ODE images per training prompt for a second evaluation, on the first eval_prompts prompts of "
+        "prompts.train, the prompts the policy is optimised on (0: off; the toy run scores its 8 x 32). Logged as train_eval_reward, with train_eval_gain +- "
         "train_eval_gain_se, beside the held-out eval_reward: a rise here and not there means the policy fitted its "
         "prompts without generalising.",
     )
@@ -161,16 +163,32 @@ class RunConfig(BaseModel):
         description="How the per-step SDE noise level is chosen (the toy run calibrates 6 rounds of 16 samples).",
     )
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="When calibration runs.")
-    prompts: PromptConfig = Field(
-        default_factory=lambda: PromptConfig(train="toy-train-focus"),
-        description="Prompt sources (the toy run: trains on the 8 prompts of toy-train-focus, evaluates on the 81 held-out toy-test).",
-    )
+    prompts: PromptConfig = Field(default_factory=PromptConfig, description="Prompt sources.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sigma grid and steps.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="GRPO objective and optimiser.")
-    logging: LoggingConfig = Field(
-        default_factory=lambda: LoggingConfig(train_eval_images_per_prompt=32, sample_every=60),
-        description="Logging and sample grids (the toy run also scores its 8 training prompts x 32 images; it evaluates before training and at the end).",
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, evaluation and sample grids.")
+    hooks: list[ComponentSpec] = Field(
+        default_factory=list,
+        description="Extra hooks run after each iteration (registered names or 'module:attr'), before metrics and "
+        "checkpoints are written; see CONTRIBUTING.md.",
     )
+
+
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> "RunConfig":
+        """Checks that read more than one field, so a bad combination fails before anything is built."""
+        batch = self.train.group_size * self.train.groups_per_iteration
+        if self.train.minibatch_size > batch:
+            raise ValueError(
+                f"train.minibatch_size={self.train.minibatch_size} exceeds the batch of train.group_size x "
+                f"train.groups_per_iteration = {batch} samples; set it to at most {batch} (0: the whole batch)"
+            )
+        if self.reward_combine == "sum-advantages" and len(self.rewards) == 1:
+            raise ValueError(
+                "reward_combine=sum-advantages needs at least two rewards (with one it is sum-rewards); "
+                "add a reward or use reward_combine=sum-rewards"
+            )
+        return self
 
 
 def default_config() -> RunConfig:
@@ -294,6 +312,8 @@ def validate_components(config: RunConfig) -> None:
         registry.validate_config("rewards", spec.name, spec.config)
     registry.validate_config("advantages", config.advantage.name, config.advantage.config)
     registry.validate_config("calibrators", config.calibrator.name, config.calibrator.config)
+    for spec in config.hooks:
+        registry.validate_config("hooks", spec.name, spec.config)
 
 
 def dump(config: RunConfig, fmt: Literal["yaml", "json"] = "yaml") -> str:

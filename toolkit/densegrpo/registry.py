@@ -202,13 +202,15 @@ def format_validation_error(error: pydantic.ValidationError, prefix: str = "conf
     """One line: ``prefix: a.b: message (got 3); ...``."""
     parts = []
     for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"]) or "<root>"
-        message = item["msg"]
+        path = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field; remove it or check its spelling"
         got = item.get("input")
-        got_text = "" if item["type"] in {"missing", "extra_forbidden"} else f" (got {got!r})"
-        parts.append(f"{path}: {message}{got_text}")
+        # a check across fields names its fields itself; echoing the whole section would bury it
+        quiet = item["type"] in {"missing", "extra_forbidden"} or isinstance(got, dict)
+        got_text = "" if quiet else f" (got {got!r})"
+        parts.append(f"{path}: {message}{got_text}" if path else f"{message}{got_text}")
     return f"{prefix}: " + "; ".join(parts)
 
 
