@@ -59,6 +59,29 @@ class BrightnessReward:
         return -(images.float().mean(dim=(1, 2, 3)) - self.config.target).abs()
 
 
+class ConstantReward:
+    """The same reward for every image: every group has zero spread, so every advantage is 0."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        value: float = Field(0.5, description="The reward of every image.")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config or self.Config()
+
+    def __call__(self, images, prompts, metadata):
+        return torch.full((images.shape[0],), self.config.value)
+
+
+class TiedOnEvenPrompts(BrightnessReward):
+    """Brightness, except that prompts of even length score a constant: their groups are tied."""
+
+    def __call__(self, images, prompts, metadata):
+        scores = super().__call__(images, prompts, metadata)
+        tied = torch.tensor([len(p) % 2 == 0 for p in prompts], device=scores.device)
+        return torch.where(tied, torch.full_like(scores, 0.5), scores)
+
+
 class DenseEveryState:
     """DenseGRPO's estimator, but asking for every state: the reference for the skipping test."""
 
@@ -107,7 +130,8 @@ class LossForwardSpy(AnalyticPolicy):
         self.counts = {"loss": 0, "other": 0}
 
     @contextmanager
-    def loss_forward(self):
+    def loss_forward(self, cfg_grad="conditional"):
+        self.cfg_grad = cfg_grad
         self.inside += 1
         try:
             yield

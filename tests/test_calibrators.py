@@ -15,7 +15,7 @@ import torch
 from densegrpo import registry
 from densegrpo.calibrators.reward_aware import RewardAwareCalibrator
 from densegrpo.calibrators.uniform import UniformCalibrator
-from densegrpo.errors import ConfigError
+from densegrpo.errors import ConfigError, UserError
 from densegrpo.protocols import CalibrationStats, ExplorationCalibrator
 
 NAN = math.nan
@@ -123,6 +123,34 @@ def test_psi_is_clamped():
     low = RewardAwareCalibrator(RewardAwareCalibrator.Config(initial=0.0, clamp=(0.0, 1.0)))
     low.update(stats([IMBALANCED]))
     assert low.psi == approx([0.0])
+
+
+def test_psi_is_clamped_to_the_intersection_with_the_sampler_range():
+    """cps accepts levels in [0, 1]: psi rising from 0.995 stops at 1.0, not at the clamp's 1.5."""
+    free = RewardAwareCalibrator(RewardAwareCalibrator.Config(initial=0.995))
+    limited = RewardAwareCalibrator(RewardAwareCalibrator.Config(initial=0.995))
+    limited.limit_noise_level(*registry.load("samplers", "cps").noise_level_range)
+    assert (free.bounds, limited.bounds) == ((0.0, 1.5), (0.0, 1.0))
+    for calibrator in (free, limited):
+        calibrator.update(stats([BALANCED, IMBALANCED]))
+    assert free.psi == approx([1.005, 0.985]) and limited.psi == approx([1.0, 0.985])
+    narrow = RewardAwareCalibrator(RewardAwareCalibrator.Config(initial=0.5, clamp=(0.2, 1.5)))
+    narrow.limit_noise_level(0.0, 0.6)  # the tighter bound of each side
+    assert narrow.bounds == (0.2, 0.6)
+    narrow.load_state_dict({"psi": [0.9, 0.1], "history": []})  # a psi from elsewhere is clamped too
+    assert narrow.psi == approx([0.6, 0.2])
+    narrow.limit_noise_level(0.0, 0.55)
+    assert narrow.psi == approx([0.55, 0.2])
+
+
+def test_a_sampler_range_the_calibrator_cannot_meet_is_a_user_error():
+    with pytest.raises(UserError, match="do not overlap"):
+        RewardAwareCalibrator(RewardAwareCalibrator.Config(initial=1.3, clamp=(1.2, 1.5))).limit_noise_level(0.0, 1.0)
+    with pytest.raises(UserError, match="calibrator.config.initial"):
+        RewardAwareCalibrator(RewardAwareCalibrator.Config(initial=1.2)).limit_noise_level(0.0, 1.0)
+    with pytest.raises(UserError, match="calibrator.config.noise_level"):
+        UniformCalibrator(UniformCalibrator.Config(noise_level=1.2)).limit_noise_level(0.0, 1.0)
+    UniformCalibrator(UniformCalibrator.Config(noise_level=1.0)).limit_noise_level(0.0, 1.0)  # the range is closed
 
 
 def test_config_validation():

@@ -12,6 +12,7 @@ meaning (checked per kind below).
 from __future__ import annotations
 
 import json
+import math
 
 import pydantic
 import pytest
@@ -64,12 +65,18 @@ def test_component_has_every_required_member_and_typed_optional_ones(kind, name)
         assert component.uniform_level is None or isinstance(component.uniform_level, float)
         json.dumps(component.state_dict())  # checkpoints keep it in state.json
         component.load_state_dict(component.state_dict())
+        component.limit_noise_level(0.0, 1.0)  # every default level lies in cps's range
+        assert (component.noise_level(make_sigmas(5, 3.0)) <= 1.0).all()
+    if kind == "samplers":
+        low, high = component.noise_level_range
+        assert isinstance(low, float) and isinstance(high, float) and 0.0 <= low <= high
     if kind == "advantages":
         assert isinstance(component.needs, RewardNeeds) and isinstance(component.last_stats, dict)
     if kind == "policies":
         assert component.data_parallel is None or callable(component.data_parallel)
-        with component.loss_forward():
-            pass
+        for cfg_grad in ("conditional", "both"):  # the loop passes train.cfg_grad
+            with component.loss_forward(cfg_grad=cfg_grad):
+                pass
 
 
 def test_conform_fills_declared_defaults_and_names_missing_members():
@@ -83,6 +90,19 @@ def test_conform_fills_declared_defaults_and_names_missing_members():
     calibrator = conform("calibrators", FixedLevel())
     assert calibrator.calibration_rounds == 0 and calibrator.samples_per_round is None and calibrator.converged is False
     assert calibrator.state_dict() is None and calibrator.load_state_dict({"any": 1}) is None
+    assert calibrator.limit_noise_level(0.0, 1.0) is None
+
+    class Bare:
+        def rollout(self, *args, **kwargs):
+            pass
+
+        def log_prob(self, policy, traj, step):
+            pass
+
+    assert conform("samplers", Bare()).noise_level_range == (0.0, math.inf)
+    policy = conform("policies", GaussianFlowPolicy(latent_shape=(3, 4, 4)))
+    with policy.loss_forward(cfg_grad="both"):
+        pass
     with pytest.raises(TypeError, match="lacks update"):
         conform("calibrators", type("NoUpdate", (), {"noise_level": lambda self, sigmas: None})())
 
@@ -136,6 +156,7 @@ def test_sampler_contract(kind, name):
     assert traj.log_probs.shape == (N, T) and traj.means.shape == (N, T, 3, 4, 4)
     assert traj.velocities.shape == (N, T, 3, 4, 4) and traj.trained_steps.shape == (N, T)
     assert traj.sigmas.shape == (T + 1,) and traj.noise_level.shape == (T,) and traj.step_std.shape == (T,)
+    assert traj.std_t.shape == (T,) and bool(((traj.std_t > 0) == (traj.step_std > 0)).all())
     assert torch.equal(traj.latents[:, 0], noise)
     for k in range(T):
         if not bool(traj.trained_steps[:, k].any()):

@@ -169,6 +169,18 @@ def test_two_processes_match_one_process_with_dense_advantages(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_match_one_process_when_zero_advantage_samples_are_dropped(tmp_path):
+    """One group per rank; groups of even-length prompts tie, so some iterations drop a whole rank's
+    rows: that rank runs one unused row (weight 0) and the other's loss weighs 2, as in one process."""
+    tied = [*PER_RANK, "advantage.name=sparse", "rewards.0.name=loop_components:TiedOnEvenPrompts", "iterations=4", "seed=1"]
+    _train(tmp_path / "one", tied, 1)
+    _train(tmp_path / "two", tied, 2)
+    # seed 1 draws: no tied group, rank 1's group tied, both tied (no optimizer step), rank 1's again
+    assert [row["zero_advantage_dropped"] for row in _metrics(tmp_path / "one")] == [0.0, 0.5, 1.0, 0.5]
+    _assert_same_run(tmp_path / "one", tmp_path / "two", 4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "advantage, groups",
     [("sparse", ["train.group_size=8", "train.groups_per_iteration=1"]), ("dense", ["train.group_size=4", "train.groups_per_iteration=2"])],

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from densegrpo import checkpoint as ckpt
 from densegrpo import config as cfg
+from densegrpo.errors import UserError
 from densegrpo.evaluate import paired_gain
 from densegrpo.hooks import evaluation
 from densegrpo.hooks.checkpoints import restore
@@ -366,6 +367,43 @@ def test_the_loss_forward_passes_and_only_they_run_inside_loss_forward(tmp_path)
     # T = 4 steps, 3 trained (timestep_fraction 0.99); one batched call per step for the policy, one for the reference
     assert policy.counts["loss"] == 3 * 2 and record["nfe_train"] == 8 * 3 * 2
     assert policy.counts["other"] == 4  # the rollout's T velocity calls; no dense engine for the sparse estimator
+    assert policy.cfg_grad == "conditional"  # train.cfg_grad, Flow-GRPO's default
+    trainer.config.train.cfg_grad = "both"
+    train_step(trainer)
+    assert policy.cfg_grad == "both"
+
+
+def test_samples_with_zero_advantages_everywhere_are_dropped_and_logged(tmp_path):
+    """A constant reward: every group has zero spread, every advantage is 0, so every sample is dropped and
+    no optimizer step is made; with the switch off they stay in the loss (zero gradient, one AdamW step)."""
+    constant = ["rewards.0.name=loop_components:ConstantReward", "advantage.name=sparse", "calibrator.name=uniform"]
+    dropping = Run(analytic_config(*constant), tmp_path / "on")
+    record = train_step(dropping)
+    assert record["zero_advantage_dropped"] == 1.0 and record["nfe_train"] == 0
+    assert not dropping.learner.optimizer.state
+    keeping = Run(analytic_config(*constant, "train.drop_zero_advantage=false"), tmp_path / "off")
+    record = train_step(keeping)
+    assert record["zero_advantage_dropped"] == 0.0 and record["nfe_train"] == 8 * 3 * 2
+    assert keeping.learner.optimizer.state
+    varied = train_step(Run(analytic_config("advantage.name=sparse", "calibrator.name=uniform"), tmp_path / "varied"))
+    assert varied["zero_advantage_dropped"] == 0.0 and varied["nfe_train"] == 8 * 3 * 2
+
+
+def test_the_run_limits_the_calibrator_to_the_sampler_noise_range(tmp_path):
+    run = Run(analytic_config("sampler.name=cps"), tmp_path / "cps")
+    assert run.parts.calibrator.bounds == (0.0, 1.0)
+    assert Run(analytic_config(), tmp_path / "sde").parts.calibrator.bounds == (0.0, 1.5)
+    with pytest.raises(UserError, match="noise_level 1.2 lies outside"):
+        Run(analytic_config("sampler.name=cps", "calibrator.name=uniform", "calibrator.config.noise_level=1.2"), tmp_path / "bad")
+
+
+def test_zero_noise_steps_are_logged_as_untrained_and_warned_about_once(tmp_path):
+    run = Run(analytic_config("advantage.name=sparse", "calibrator.name=uniform", "calibrator.config.noise_level=0.0"), tmp_path)
+    with pytest.warns(UserWarning, match=r"noise level 0 at step\(s\) \[0, 1, 2\]") as caught:
+        records = [train_step(run), train_step(run)]
+    assert len([w for w in caught if "noise level 0" in str(w.message)]) == 1
+    assert [r["untrained_zero_noise_steps"] for r in records] == [3, 3]  # T = 4, the last step untrained anyway
+    assert train_step(Run(analytic_config("advantage.name=sparse", "calibrator.name=uniform"), tmp_path / "a"))["untrained_zero_noise_steps"] == 0
 
 
 @pytest.mark.parametrize("dense, step_local, per_reward", [(False, False, False), (True, True, False), (True, False, True)])

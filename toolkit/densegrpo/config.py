@@ -77,6 +77,27 @@ class TrainConfig(BaseModel):
     )
     clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the ratio (paper: 1e-4, since log-probs are per-dimension means).")
     beta: float = Field(0.01, ge=0, description="Weight of the KL term to the reference model (paper: 0.04 GenEval/OCR, 0.01 PickScore; toy run 0.01).")
+    kl: Literal["flow-grpo", "exact"] = Field(
+        "flow-grpo",
+        description="Form of the KL term, mean((mean_theta - mean_ref)^2) / (2 s^2) (method.md section 2). 'flow-grpo': s is "
+        "the sampler's SDE coefficient std_t without sqrt(-dt), as Flow-GRPO's scripts/train_sd3.py (kl_loss = ... / "
+        "(2 * std_dev_t ** 2), std_dev_t from sde_step_with_logprob), the form its beta values are tuned for. 'exact': s "
+        "is the transition std step_std, the exact KL of the Gaussian steps: 1/(-dt) times larger for flow-sde "
+        "(3.7x to 25x on 10 steps with shift 3), the same for cps.",
+    )
+    cfg_grad: Literal["conditional", "both"] = Field(
+        "conditional",
+        description="With classifier-free guidance in the loss (policy cfg_during_training and guidance_scale > 1): "
+        "'conditional' detaches the unconditional prediction, v = v_neg.detach() + g (v_pos - v_neg.detach()), as "
+        "Flow-GRPO's scripts/train_sd3.py (compute_log_prob: noise_pred_uncond.detach()); 'both' lets gradients flow "
+        "through both branches. No effect without guidance in the loss.",
+    )
+    drop_zero_advantage: bool = Field(
+        True,
+        description="Leave out of the loss (policy and KL terms, and their means) every sample whose advantage is zero "
+        "at every step, as Flow-GRPO's scripts/train_sd3.py (it filters the samples whose advantages are all zero); a "
+        "minibatch left with no sample makes no optimizer step. Logged as zero_advantage_dropped (share of the batch).",
+    )
     advantage_clip: float = Field(5.0, gt=0, description="Advantages are clipped to +-this value (paper: 5).")
     timestep_fraction: float = Field(
         0.99, gt=0, le=1, description="Share of steps trained; the last step is dropped at 0.99 (9 of 10, as Flow-GRPO)."

@@ -24,7 +24,7 @@ from densegrpo.distributed import DataParallel, World
 from densegrpo.errors import UserError
 from densegrpo.protocols import AdvantageEstimator, DenseRewards, Policy, Sampler, Trajectory
 from densegrpo.reward_scorer import RewardScorer
-from densegrpo.rewarding import Scores, ScoringPlan, score, trained_step_mask
+from densegrpo.rewarding import Scores, ScoringPlan, num_trained_steps, score, trained_step_mask
 
 
 @dataclass
@@ -81,8 +81,9 @@ def iteration(learner: Learner, batch: Batch, noise_level: Tensor, plan: Scoring
     # 3. advantages A (N, T) over the global batch, clipped to +-advantage_clip; then this rank's rows
     advantages = learner.estimator(scores.for_estimator).float().clamp(-train.advantage_clip, train.advantage_clip)
     local_advantages = advantages[learner.world.shard(batch.global_size)]
+    dropped = zero_advantage_rows(advantages) if train.drop_zero_advantage else None
     # 4. per-step clipped surrogate + beta * KL to the reference, optimizer step(s)
-    update = update_policy(learner, traj, local_advantages)
+    update = update_policy(learner, traj, local_advantages, dropped)
     seconds = {"iteration_s": time.perf_counter() - started, "rollout_s": rolled - started, "reward_s": scored - rolled}
     numbers = iteration_numbers(learner, traj, scores, noise_level, advantages, update, seconds)
     return IterationResult(numbers, scores, noise_level)
@@ -117,9 +118,16 @@ def local_minibatch(minibatch_size: int, local_samples: int, world_size: int) ->
     return minibatch_size // world_size
 
 
+def zero_advantage_rows(advantages: Tensor) -> Tensor:
+    """``advantages (N, T)`` -> ``(N,)`` bool: the samples whose advantage is zero at every step,
+    which Flow-GRPO leaves out of the loss (``train.drop_zero_advantage``)."""
+    return (advantages == 0).all(dim=1)
+
+
 @dataclass
 class StepLoss:
-    """The loss of one denoising step ``k`` on a minibatch, and what is logged about it."""
+    """The loss of one denoising step ``k`` on a minibatch, and what is logged about it
+    (``rows``: the rows it averages over; with 0 the numbers are NaN and not logged)."""
 
     loss: Tensor
     policy_loss: float
@@ -127,15 +135,29 @@ class StepLoss:
     approx_kl: float
     clipfrac: float
     ratio_dev_max: float
+    rows: int = 1
+
+
+def kl_std(traj: Trajectory, form: str) -> Tensor:
+    """``(T,)`` the std ``s`` the KL term ``(mean - mean_ref)^2 / (2 s^2)`` divides by (``train.kl``):
+    ``std_t`` without ``sqrt(-dt)`` for ``"flow-grpo"``, the transition std ``step_std`` for ``"exact"``."""
+    return traj.std_t if form == "flow-grpo" else traj.step_std
+
+
+def rows_mean(values: Tensor, use: Tensor) -> Tensor:
+    """Mean of ``values (n,)`` over the rows ``use (n,)``; with no row, a zero that keeps the graph."""
+    return values[use].mean() if bool(use.any()) else 0.0 * values.sum()
 
 
 def step_loss(policy: Policy, sampler: Sampler, part: Trajectory, k: int, A: Tensor, use: Tensor, train: TrainConfig) -> StepLoss:
     """Step ``k``'s clipped surrogate plus KL (method.md section 2) on the rows of ``part``.
 
     ``A (n,)`` are the rows' advantages at step ``k``; ``use (n,)`` marks the rows trained at ``k``.
+    With no row in ``use`` the loss is a zero that still depends on the weights, so a rank whose
+    rows were all dropped runs the same forward and backward passes as the others (DDP, FSDP).
     """
     clip_range, beta = train.clip_range, train.beta
-    with policy.loss_forward():
+    with policy.loss_forward(cfg_grad=train.cfg_grad):
         # log p_theta(x_{t-1} | x_t) and its mean, with gradients
         log_prob, mean = sampler.log_prob(policy, part, k)
         old_log_prob = part.log_probs[:, k]
@@ -145,16 +167,19 @@ def step_loss(policy: Policy, sampler: Sampler, part: Trajectory, k: int, A: Ten
         # L_clip = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
         unclipped = -A * ratio
         clipped = -A * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-        policy_loss = torch.maximum(unclipped, clipped)[use].mean()
-        # L_kl = (mean_theta - mean_ref)^2 / (2 std_t^2), closed-form Gaussian KL to the base model
+        policy_loss = rows_mean(torch.maximum(unclipped, clipped), use)
+        # L_kl = (mean_theta - mean_ref)^2 / (2 s^2) to the base model; s = std_t (Flow-GRPO) or
+        # s = std_t sqrt(-dt), the closed-form KL of the Gaussian transitions (train.kl)
         if beta > 0:
             with torch.no_grad(), policy.reference():
                 _, mean_ref = sampler.log_prob(policy, part, k)
-            std = part.step_std[k].clamp_min(1e-12)
-            kl = (((mean - mean_ref) ** 2).flatten(1).mean(dim=1) / (2 * std**2))[use].mean()
+            std = kl_std(part, train.kl)[k].clamp_min(1e-12)
+            kl = rows_mean(((mean - mean_ref) ** 2).flatten(1).mean(dim=1) / (2 * std**2), use)
         else:
             kl = torch.zeros((), device=log_prob.device)
     loss = policy_loss + beta * kl
+    if not bool(use.any()):
+        return StepLoss(loss, math.nan, math.nan, math.nan, math.nan, math.nan, rows=0)
     with torch.no_grad():
         deviation = (ratio[use] - 1.0).abs()
         return StepLoss(
@@ -167,7 +192,27 @@ def step_loss(policy: Policy, sampler: Sampler, part: Trajectory, k: int, A: Ten
         )
 
 
-def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor) -> dict[str, float]:
+def kept_rows(kept: Tensor | None, rows: list[int], rank: int) -> tuple[list[int], float] | None:
+    """This rank's rows of one minibatch that enter the loss, and the weight of its loss.
+
+    ``kept (W, n)`` bool marks every rank's kept rows (``None``: all of them, weight 1). The
+    weight, this rank's kept rows over their mean over ranks, turns DDP's average of the ranks'
+    means into the mean over every kept row, as in one process. ``None`` when no rank keeps a
+    row (no optimizer step); a rank without one gets ``(rows[:1], 0.0)``: a row it runs, unused.
+    """
+    if kept is None:
+        return rows, 1.0
+    counts = kept[:, rows].sum(dim=1)
+    total = int(counts.sum())
+    if total == 0:
+        return None
+    mine = [r for r in rows if bool(kept[rank, r])]
+    if not mine:
+        return rows[:1], 0.0
+    return mine, float(counts[rank]) * kept.shape[0] / total
+
+
+def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor, dropped: Tensor | None = None) -> dict[str, float]:
     """Step 4: :func:`step_loss` over the trained steps, one optimizer step per minibatch.
 
     ``advantages (n, T)`` are this rank's rows. ``train.minibatch_size`` counts samples of the
@@ -175,29 +220,50 @@ def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor) -> dic
     the number of steps does not depend on ``W``. Gradients are accumulated over the trained
     steps of a minibatch (loss divided by their count); ``parallel`` (DDP or FSDP, attached to
     the policy) averages them over ranks in the last backward of the minibatch only. Then
-    they are clipped by norm and AdamW steps.
+    they are clipped by norm and AdamW steps. ``dropped (N,)`` bool over the global batch
+    (``None``: none) marks samples left out of the loss (``train.drop_zero_advantage``): a
+    minibatch runs on its kept rows only (:func:`kept_rows`), and one without any makes no step.
     """
     train, parallel, policy = learner.train, learner.parallel, learner.policy
     mask = trained_step_mask(traj, train.timestep_fraction)
-    n = traj.num_samples
-    minibatch = local_minibatch(train.minibatch_size, n, parallel.world.world_size)
+    n, world = traj.num_samples, parallel.world
+    minibatch = local_minibatch(train.minibatch_size, n, world.world_size)
+    kept = None if dropped is None else ~dropped.cpu().reshape(world.world_size, n)
     losses: list[StepLoss] = []
     grad_norms: list[float] = []
     nfe_train = 0
     for _epoch in range(train.inner_epochs):
         for start in range(0, n, minibatch):
             rows = list(range(start, min(n, start + minibatch)))
-            part, part_mask = traj.select(rows), mask[rows]
-            steps = [k for k in range(traj.num_steps) if bool(part_mask[:, k].any())]
+            share = kept_rows(kept, rows, world.rank)
+            if share is None:
+                continue
+            used, weight = share
+            part, part_mask = traj.select(used), mask[used]
+            steps = [k for k in range(traj.num_steps) if bool(mask[rows, k].any())]
             for k in steps:
+                use = part_mask[:, k] if weight > 0 else torch.zeros_like(part_mask[:, k])
                 with parallel.gradient_sync(k == steps[-1]):
-                    term = step_loss(policy, learner.sampler, part, k, advantages[rows, k], part_mask[:, k], train)
-                    (term.loss / len(steps)).backward()
+                    term = step_loss(policy, learner.sampler, part, k, advantages[used, k], use, train)
+                    loss = term.loss if weight == 1.0 else term.loss * weight
+                    (loss / len(steps)).backward()
                 losses.append(term)
-                nfe_train += len(rows) * (2 if train.beta > 0 else 1)
+                # a rank's unused row (weight 0) only keeps DDP in step: the count stays that of one process
+                nfe_train += len(used) * (2 if train.beta > 0 else 1) if weight > 0 else 0
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), train.grad_clip)))
             learner.optimizer.step()
             learner.optimizer.zero_grad(set_to_none=True)
+    return {
+        **loss_stats([t for t in losses if t.rows]),
+        "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+        "nfe_train": float(world.sum(nfe_train)),
+        "trained_steps": float(sum(1 for k in range(traj.num_steps) if bool(mask[:, k].any()))),
+        "zero_advantage_dropped": 0.0 if dropped is None else float(dropped.float().mean()),
+    }
+
+
+def loss_stats(losses: list[StepLoss]) -> dict[str, float]:
+    """Means over the step losses of an update (maximum for ``ratio_dev_max``)."""
     count = max(len(losses), 1)
     return {
         "policy_loss": sum(t.policy_loss for t in losses) / count,
@@ -205,10 +271,7 @@ def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor) -> dic
         "approx_kl": sum(t.approx_kl for t in losses) / count,
         "clipfrac": sum(t.clipfrac for t in losses) / count,
         "ratio_dev_max": max([0.0] + [t.ratio_dev_max for t in losses]),
-        "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
         "first_step_ratio_dev": losses[0].ratio_dev_max if losses else math.nan,
-        "nfe_train": float(parallel.world.sum(nfe_train)),
-        "trained_steps": float(sum(1 for k in range(traj.num_steps) if bool(mask[:, k].any()))),
     }
 
 
@@ -226,12 +289,21 @@ def iteration_numbers(learner: Learner, traj: Trajectory, scores: Scores, noise_
         "zero_std_ratio": float(zero_std if zero_std is not None else zero_std_ratio(terminal, learner.train.group_size)),
         "nan_rewards": int(torch.isnan(terminal).sum()),
         "advantage_abs_mean": float(advantages.abs().mean()),
+        "zero_advantage_dropped": update["zero_advantage_dropped"],
+        "untrained_zero_noise_steps": untrained_zero_noise_steps(noise_level, learner.train.timestep_fraction),
         "nfe_rollout": int(learner.world.sum(traj.num_samples * traj.num_steps)),
         "nfe_dense": scores.nfe_dense,
         "nfe_train": int(update["nfe_train"]),
         "reward_calls": scores.reward_calls,
         **{k: round(v, 4) for k, v in seconds.items()},
     }
+
+
+def untrained_zero_noise_steps(noise_level: Tensor, timestep_fraction: float) -> int:
+    """Steps among those ``timestep_fraction`` trains whose ``noise_level (T,)`` is 0: Euler
+    steps without a log-prob, so the loss skips them."""
+    trainable = noise_level[: num_trained_steps(int(noise_level.shape[0]), timestep_fraction)]
+    return int((trainable == 0).sum())
 
 
 def dense_gain_stats(dense: DenseRewards | None) -> dict[str, Any]:

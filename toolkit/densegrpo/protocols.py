@@ -17,6 +17,7 @@ converts with :meth:`DenseRewards.by_step_index`.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
@@ -92,6 +93,12 @@ class Trajectory:
         step_std: ``(T,)`` float32, the transition std of each step (``0`` for ODE steps).
         trained_steps: ``(N, T)`` bool, the steps that carry a log-prob and enter the loss.
         cond: the encoded prompts, needed to recompute velocities.
+        std_t: ``(T,)`` float32, the SDE noise coefficient ``std_t`` of each step without the
+            step's ``sqrt(-dt)``, which Flow-GRPO's KL divides by (``train.kl: flow-grpo``,
+            method.md section 2): ``a sqrt(sigma / (1 - sigma)) = step_std / sqrt(-dt)`` for
+            flow-sde, ``sigma_next sin(a pi / 2) = step_std`` for cps; ``0`` for ODE steps.
+            ``None`` when built: derived as ``step_std / sqrt(sigmas[k] - sigmas[k+1])``, the
+            flow-SDE relation; a sampler whose ``std_t`` differs passes it.
     """
 
     latents: Tensor
@@ -103,6 +110,14 @@ class Trajectory:
     step_std: Tensor
     trained_steps: Tensor
     cond: Cond
+    std_t: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.std_t is None:
+            step_size = (self.sigmas[:-1] - self.sigmas[1:]).to(self.step_std)
+            stochastic = self.step_std > 0
+            # the grid decreases strictly, so step_size > 0 wherever a step is stochastic
+            self.std_t = torch.where(stochastic, self.step_std / step_size.clamp_min(1e-30).sqrt(), torch.zeros_like(self.step_std))
 
     @property
     def num_samples(self) -> int:
@@ -240,11 +255,15 @@ class Policy(Protocol):
 
     Optional, for guidance that differs in the loss (see :data:`OPTIONAL_MEMBERS`)::
 
-        def loss_forward(self) -> AbstractContextManager[None]
+        def loss_forward(self, cfg_grad: Literal["conditional", "both"] = "conditional") -> AbstractContextManager[None]
 
     The loop makes the GRPO loss's forward passes (the log-prob recomputation and the KL
-    reference pass) inside this context, so a policy can, for example, skip classifier-free
-    guidance there (Flow-GRPO's ``train.cfg=False``). Default: a context that changes nothing.
+    reference pass) inside this context, with ``cfg_grad=train.cfg_grad``, so a policy can, for
+    example, skip classifier-free guidance there (Flow-GRPO's ``train.cfg=False``), or, with
+    guidance, let gradients flow through the conditional prediction only: ``"conditional"``
+    is ``v = v_neg.detach() + g (v_pos - v_neg.detach())`` (Flow-GRPO's train_sd3.py detaches
+    the unconditional prediction), ``"both"`` leaves ``v_neg`` attached. A policy without
+    guidance in the loss ignores ``cfg_grad``. Default: a context that changes nothing.
     """
 
     latent_shape: tuple[int, int, int]
@@ -284,7 +303,12 @@ class Policy(Protocol):
 
 @runtime_checkable
 class Sampler(Protocol):
-    """One stochastic (or deterministic) discretisation of the flow ODE/SDE."""
+    """One stochastic (or deterministic) discretisation of the flow ODE/SDE.
+
+    Optional (see :data:`OPTIONAL_MEMBERS`): ``noise_level_range: tuple[float, float]``, the
+    closed range ``(low, high)`` of noise levels ``rollout`` accepts (cps: ``(0.0, 1.0)``);
+    the run clamps the calibrator to it. Default: ``(0.0, inf)``.
+    """
 
     def rollout(
         self,
@@ -344,7 +368,9 @@ class ExplorationCalibrator(Protocol):
     Optional members, with the defaults of a fixed schedule (see :data:`OPTIONAL_MEMBERS`):
     ``calibration_rounds`` (rounds before training), ``samples_per_round``, ``converged``,
     ``uniform_level`` (the level a uniform schedule would use, drawn in plots),
-    ``state_dict()`` / ``load_state_dict(state)`` (what a checkpoint keeps).
+    ``state_dict()`` / ``load_state_dict(state)`` (what a checkpoint keeps),
+    ``limit_noise_level(low, high)`` (the sampler's ``noise_level_range``, passed once by the
+    run before anything is sampled: the levels chosen afterwards must lie in it).
     """
 
     def noise_level(self, sigmas: Tensor) -> Tensor:
@@ -380,14 +406,29 @@ def _ignore_state(component: Any) -> Callable[[Any], None]:
     return lambda state: None
 
 
+def _plain_loss_forward(component: Any) -> Callable[..., AbstractContextManager[None]]:
+    def loss_forward(cfg_grad: str = "conditional") -> AbstractContextManager[None]:
+        return nullcontext()
+
+    return loss_forward
+
+
+def _ignore_limit(component: Any) -> Callable[[float, float], None]:
+    return lambda low, high: None
+
+
 OPTIONAL_MEMBERS: dict[str, tuple[OptionalMember, ...]] = {
     "policies": (
         OptionalMember("data_parallel", lambda c: None, "data_parallel(wrap): train on several processes; "
                        "None: one process only (see Policy)."),
-        OptionalMember("loss_forward", lambda c: nullcontext, "loss_forward(): context of the loss's forward passes "
+        OptionalMember("loss_forward", _plain_loss_forward, "loss_forward(cfg_grad): context of the loss's forward "
+                       "passes, cfg_grad = train.cfg_grad ('conditional': detach the unconditional CFG branch, 'both') "
                        "(see Policy); default: changes nothing."),
     ),
-    "samplers": (),
+    "samplers": (
+        OptionalMember("noise_level_range", lambda c: (0.0, math.inf), "tuple[float, float]: the closed range of "
+                       "noise levels rollout accepts; the run clamps the calibrator to it; default: (0.0, inf)."),
+    ),
     "rewards": (),
     "advantages": (
         OptionalMember("last_stats", lambda c: {}, "dict[str, float] about the last call, logged each iteration "
@@ -404,6 +445,8 @@ OPTIONAL_MEMBERS: dict[str, tuple[OptionalMember, ...]] = {
         OptionalMember("state_dict", _no_state, "state_dict() -> JSON-safe state kept in checkpoints; default: None."),
         OptionalMember("load_state_dict", _ignore_state, "load_state_dict(state): restore it on resume; default: "
                        "ignore."),
+        OptionalMember("limit_noise_level", _ignore_limit, "limit_noise_level(low, high): the sampler's "
+                       "noise_level_range, called once by the run; later levels must lie in it; default: ignore."),
     ),
     "hooks": (
         OptionalMember("before_training", lambda c: lambda run: None, "before_training(run): once, before the "

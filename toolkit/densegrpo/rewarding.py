@@ -115,9 +115,14 @@ def score(policy: Policy, traj: Trajectory, scorer: RewardScorer, plan: ScoringP
     )
 
 
+def num_trained_steps(num_steps: int, timestep_fraction: float) -> int:
+    """How many of the first steps ``timestep_fraction`` trains (at least one)."""
+    return max(1, int(num_steps * timestep_fraction))
+
+
 def trained_step_mask(traj: Trajectory, timestep_fraction: float) -> Tensor:
     """``(n, T)`` bool: steps that enter the loss; the last steps are dropped by ``timestep_fraction``."""
-    num_train = max(1, int(traj.num_steps * timestep_fraction))
+    num_train = num_trained_steps(traj.num_steps, timestep_fraction)
     mask = traj.trained_steps.clone().bool()
     mask[:, num_train:] = False
     return mask

@@ -6,6 +6,7 @@ books: calibration, evaluation, sample grids, metrics, TensorBoard, checkpoints,
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ContextManager
@@ -22,7 +23,7 @@ from densegrpo.evaluate import load_prompt_records
 from densegrpo.grpo import IterationResult, Learner, iteration, local_minibatch
 from densegrpo.noise import generator_for
 from densegrpo.reward_scorer import RewardScorer
-from densegrpo.rewarding import plan_scoring
+from densegrpo.rewarding import num_trained_steps, plan_scoring
 from densegrpo.runs import default_run_dir, load_run_config, save_run_config
 from densegrpo.sigmas import make_sigmas
 
@@ -50,6 +51,7 @@ class Run:
         self.world = world or World()
         torch.manual_seed(config.seed)
         self.parts = conformed(components) if components is not None else build(config)
+        self.parts.calibrator.limit_noise_level(*self.parts.sampler.noise_level_range)
         self.policy = self.parts.policy
         self.train_records = load_prompt_records(config.prompts.train)
         self.test_records = load_prompt_records(config.prompts.test)
@@ -73,6 +75,7 @@ class Run:
         self.iteration = 0
         self.totals: dict[str, float] = {"wall_s": 0.0, "elapsed_s": 0.0, **{key: 0 for key in NFE_KEYS}}
         self.result: IterationResult | None = None
+        self.warned_zero_noise = False
         self._started = time.perf_counter()
         self._elapsed_before = 0.0
 
@@ -138,7 +141,24 @@ def train_step(run: Run) -> dict[str, Any]:
     record["nfe"] = record["nfe_rollout"] + record["nfe_dense"] + record["nfe_train"]
     record["nfe_total"] = sum(run.totals[key] for key in NFE_KEYS)
     run.totals["wall_s"] += record["iteration_s"]
+    warn_zero_noise_once(run, record)
     return record
+
+
+def warn_zero_noise_once(run: Run, record: dict[str, Any]) -> None:
+    """One warning per run when a step the loss would train got noise level 0 (an Euler step
+    without a log-prob): the metric ``untrained_zero_noise_steps`` counts them every iteration."""
+    if run.warned_zero_noise or not record["untrained_zero_noise_steps"] or not run.world.is_main:
+        return
+    run.warned_zero_noise = True
+    levels = run.result.noise_level.tolist()
+    steps = [k for k in range(num_trained_steps(len(levels), run.config.train.timestep_fraction)) if levels[k] == 0]
+    warnings.warn(
+        f"iteration {record['iteration']}: noise level 0 at step(s) {steps}, so they are Euler ODE steps that the loss "
+        "does not train (logged as untrained_zero_noise_steps); raise the calibrator's lower bound above 0 (reward-aware: "
+        "calibrator.config.clamp) to keep them trained",
+        stacklevel=2,
+    )
 
 
 def run_training(config: cfg.RunConfig, run_dir: Path, resume: bool = False, components: Components | None = None,

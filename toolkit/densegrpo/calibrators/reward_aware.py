@@ -8,7 +8,8 @@ One round, from the dense gains ``dR`` of ``N`` SDE trajectories sampled with th
 
 The paper gives no clamp range, no round count and no convergence test; this toolkit adds:
 
-* a clamp range for psi (default ``[0, 1.5]``);
+* a clamp range for psi (default ``[0, 1.5]``), narrowed to the sampler's
+  ``noise_level_range`` by :meth:`RewardAwareCalibrator.limit_noise_level` (cps: ``[0, 1]``);
 * ``max_rounds`` (default 10) after which :attr:`done` is true;
 * a convergence test. Under Algorithm 1 psi never stands still (every round moves every
   step by +-eps2) unless it is pinned at a clamp bound, so "psi no longer changes" cannot
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from densegrpo.calibrators.uniform import num_steps_of
+from densegrpo.errors import UserError
 from densegrpo.protocols import CalibrationStats
 
 
@@ -53,6 +55,7 @@ class RewardAwareCalibrator:
     * ``history``: one JSON-serialisable dict per round, with ``round`` (1-based),
       ``psi_before``, ``psi``, ``n_pos``, ``n_neg``, ``n_valid`` and ``balanced`` per step.
     * :attr:`converged`, :attr:`done`, :meth:`state_dict` / :meth:`load_state_dict`.
+    * :meth:`limit_noise_level` narrows the clamp to the sampler's range; :attr:`bounds` is the result.
 
     The loop samples ``samples_per_round`` trajectories (fresh prompts) per round and
     calls :meth:`update` until :attr:`done`; online re-calibration calls it again later
@@ -100,6 +103,7 @@ class RewardAwareCalibrator:
         self.config = config or self.Config()
         self._psi: list[float] | None = None
         self.history: list[dict[str, Any]] = []
+        self._limit = (0.0, math.inf)
 
     # -- the protocol -----------------------------------------------------------------
     def noise_level(self, sigmas: Tensor) -> Tensor:
@@ -118,7 +122,7 @@ class RewardAwareCalibrator:
         n_pos = (gains > 0).sum(dim=0).tolist()  # NaN compares False: not counted
         n_neg = (gains < 0).sum(dim=0).tolist()
         n_valid = torch.isfinite(gains).sum(dim=0).tolist()
-        low, high = self.config.clamp
+        low, high = self.bounds
         psi, balanced = [], []
         for value, pos, neg, valid in zip(psi_before, n_pos, n_neg, n_valid):
             is_balanced = abs(pos - neg) < self.config.eps1
@@ -156,6 +160,30 @@ class RewardAwareCalibrator:
     def uniform_level(self) -> float:
         """The starting psi, Flow-GRPO's uniform level by default."""
         return float(self.config.initial)
+
+    def limit_noise_level(self, low: float, high: float) -> None:
+        """Keep psi inside the sampler's ``noise_level_range`` ``[low, high]`` too: the clamp becomes
+        the intersection of both, and a psi already held is clamped to it."""
+        clamp_low, clamp_high = self.config.clamp
+        if max(low, clamp_low) > min(high, clamp_high):
+            raise UserError(
+                f"reward-aware calibrator: clamp {list(self.config.clamp)} and the sampler's noise-level range "
+                f"[{low}, {high}] do not overlap; set calibrator.config.clamp inside [{low}, {high}]"
+            )
+        self._limit = (float(low), float(high))
+        low, high = self.bounds
+        if not low <= self.config.initial <= high:
+            raise UserError(
+                f"reward-aware calibrator: initial psi {self.config.initial} lies outside the sampler's noise-level range "
+                f"[{self._limit[0]}, {self._limit[1]}]; set calibrator.config.initial inside it"
+            )
+        if self._psi is not None:
+            self._psi = [min(max(value, low), high) for value in self._psi]
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` psi is clamped to: ``config.clamp`` within the sampler's range."""
+        return max(self.config.clamp[0], self._limit[0]), min(self.config.clamp[1], self._limit[1])
 
     # -- bookkeeping ------------------------------------------------------------------
     @property
@@ -199,7 +227,8 @@ class RewardAwareCalibrator:
             not isinstance(psi, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in psi)
         ):
             raise ValueError("reward-aware calibrator state 'psi' must be a list of finite numbers or null")
-        self._psi = None if psi is None else [float(v) for v in psi]
+        low, high = self.bounds
+        self._psi = None if psi is None else [min(max(float(v), low), high) for v in psi]
         self.history = copy.deepcopy(list(state["history"]))
 
     def _psi_for(self, num_steps: int) -> list[float]:

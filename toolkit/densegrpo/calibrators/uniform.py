@@ -8,6 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from densegrpo.errors import UserError
 from densegrpo.protocols import CalibrationStats
 
 
@@ -24,7 +25,7 @@ class UniformCalibrator:
 
     ``noise_level(sigmas (T+1,)) -> (T,)`` float32 filled with ``a``; :meth:`update` is a
     no-op. It defines the protocol's optional members (``calibration_rounds`` 0, ``converged``,
-    ``uniform_level``, ``state_dict``) like the reward-aware calibrator.
+    ``uniform_level``, ``state_dict``, ``limit_noise_level``) like the reward-aware calibrator.
     """
 
     class Config(BaseModel):
@@ -45,6 +46,14 @@ class UniformCalibrator:
 
     def update(self, stats: CalibrationStats) -> None:
         """A fixed schedule learns nothing."""
+
+    def limit_noise_level(self, low: float, high: float) -> None:
+        """A fixed level outside the sampler's ``noise_level_range`` is a config error, said before any rollout."""
+        if not low <= self.config.noise_level <= high:
+            raise UserError(
+                f"uniform calibrator: noise_level {self.config.noise_level} lies outside the sampler's range "
+                f"[{low}, {high}]; set calibrator.config.noise_level inside it"
+            )
 
     calibration_rounds = 0
     """A fixed schedule runs no rounds before training."""

@@ -8,8 +8,9 @@ here once:
 * prompt encoding with a cache for repeated prompts (:class:`PromptCache`; text encoders
   are frozen);
 * classifier-free guidance ``v = v_neg + g (v_pos - v_neg)`` with a negative prompt
-  (:func:`guided_velocity`), and Flow-GRPO's option to apply it (or not) in the loss's
-  forward passes, which the loop makes inside :meth:`FlowTransformerPolicy.loss_forward`;
+  (:func:`guided_velocity`), and Flow-GRPO's options to apply it (or not) in the loss's
+  forward passes, which the loop makes inside :meth:`FlowTransformerPolicy.loss_forward`, and
+  to detach the unconditional prediction there (``loss_forward(cfg_grad="conditional")``);
 * LoRA through peft (``transformer.add_adapter``), the reference model being the same
   module with the adapter disabled, and save/load in the format diffusers'
   ``load_lora_weights`` accepts (:mod:`densegrpo.policies.lora`); or full fine-tuning with
@@ -37,6 +38,9 @@ from densegrpo.protocols import Cond
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+CFGGrad = Literal["conditional", "both"]
+"""Which CFG branches carry gradients in the loss (``train.cfg_grad``)."""
+
 Forward = Callable[[Tensor, Tensor, Cond], Tensor]
 """``(x (N,C,h,w) model dtype, sigma (N,) float32, cond) -> velocity (N,C,h,w)``, one transformer call."""
 
@@ -57,7 +61,8 @@ class FlowPolicyConfig(BaseModel):
     cfg_during_training: bool = Field(
         True,
         description="Apply CFG also in the loss's forward passes (the log-prob recomputation and the KL reference, made inside "
-        "the policy's loss_forward()), as Flow-GRPO's train.cfg=True; False makes those unguided.",
+        "the policy's loss_forward()), as Flow-GRPO's train.cfg=True; False makes those unguided. Which guided branch "
+        "carries gradients there is train.cfg_grad.",
     )
     model: str | None = Field(None, description="Hugging Face hub id or local folder in diffusers layout.")
     local_files_only: bool = Field(
@@ -176,13 +181,16 @@ class PromptCache:
         return cond
 
 
-def guided_velocity(forward: Forward, x: Tensor, sigma: Tensor, cond: Cond, scale: float) -> Tensor:
+def guided_velocity(forward: Forward, x: Tensor, sigma: Tensor, cond: Cond, scale: float,
+                    detach_negative: bool = False) -> Tensor:
     """Classifier-free guidance ``v_neg + scale (v_pos - v_neg)`` from one transformer call.
 
     ``x (N,C,h,w)`` in the model's dtype, ``sigma (N,)`` float32 and ``cond`` with
     ``cond.negative`` -> float32 ``(N,C,h,w)``. The batch is ``[negatives; positives]``
     (``2N`` rows), the order of diffusers' pipelines, so velocities match theirs; the
-    combination is float32.
+    combination is float32. ``detach_negative``: ``v_neg`` enters as a constant, so gradients
+    flow through ``v_pos`` only (Flow-GRPO's ``compute_log_prob`` in train_sd3.py); the value
+    is the same.
     """
     negative = cond.negative
     if negative is None:
@@ -194,6 +202,8 @@ def guided_velocity(forward: Forward, x: Tensor, sigma: Tensor, cond: Cond, scal
     )
     out = forward(torch.cat([x, x]), torch.cat([sigma, sigma]), both).float()
     v_negative, v_positive = out.chunk(2)
+    if detach_negative:
+        v_negative = v_negative.detach()
     return v_negative + scale * (v_positive - v_negative)
 
 
@@ -221,6 +231,7 @@ class FlowTransformerPolicy:
         self._parallel: nn.Module | None = None  # DDP/FSDP wrapper of _TransformerCall, see data_parallel()
         self._in_reference = False
         self._in_loss = False
+        self._cfg_grad: CFGGrad = "conditional"
         self._cache = PromptCache(parts.encode)
         if config.lora.enabled:
             add_lora(self.transformer, config.lora, parts.default_lora_targets)
@@ -256,7 +267,9 @@ class FlowTransformerPolicy:
 
         CFG applies when ``guidance_scale > 1`` and ``cond.negative`` is present (see
         :func:`guided_velocity`), except inside :meth:`loss_forward` with
-        ``cfg_during_training=False`` (Flow-GRPO's ``train.cfg=False``). Gradient mode plays no part.
+        ``cfg_during_training=False`` (Flow-GRPO's ``train.cfg=False``); inside
+        ``loss_forward(cfg_grad="conditional")`` the unconditional branch is detached. Gradient
+        mode plays no part.
         """
         if x.dim() != 4 or tuple(x.shape[1:]) != self.latent_shape:
             raise ValueError(f"velocity() expects x of shape (N, {', '.join(map(str, self.latent_shape))}), got {tuple(x.shape)}")
@@ -270,7 +283,8 @@ class FlowTransformerPolicy:
         sigma = sigma.to(self.device)
         if not self._guided(cond):
             return self._forward(x_model, sigma, replace(cond, negative=None)).float()
-        return guided_velocity(self._forward, x_model, sigma, cond, self.config.guidance_scale)
+        detach = self._in_loss and self._cfg_grad == "conditional"
+        return guided_velocity(self._forward, x_model, sigma, cond, self.config.guidance_scale, detach_negative=detach)
 
     def _guided(self, cond: Cond) -> bool:
         if not self.guidance_on or cond.negative is None:
@@ -278,15 +292,19 @@ class FlowTransformerPolicy:
         return self.config.cfg_during_training or not self._in_loss
 
     @contextmanager
-    def loss_forward(self) -> Iterator[None]:
+    def loss_forward(self, cfg_grad: CFGGrad = "conditional") -> Iterator[None]:
         """Context of the GRPO loss's forward passes (the log-prob recomputation and the KL
-        reference pass): with ``cfg_during_training=False`` every :meth:`velocity` inside is unguided."""
-        outer = self._in_loss
-        self._in_loss = True
+        reference pass): with ``cfg_during_training=False`` every :meth:`velocity` inside is
+        unguided; with guidance, ``cfg_grad="conditional"`` detaches ``v_neg`` (gradients through
+        ``v_pos`` only, as Flow-GRPO) and ``"both"`` keeps it attached."""
+        if cfg_grad not in ("conditional", "both"):
+            raise ValueError(f"cfg_grad must be 'conditional' or 'both', got {cfg_grad!r}")
+        outer = self._in_loss, self._cfg_grad
+        self._in_loss, self._cfg_grad = True, cfg_grad
         try:
             yield
         finally:
-            self._in_loss = outer
+            self._in_loss, self._cfg_grad = outer
 
     def _forward(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """One transformer call: the frozen copy in :meth:`reference` (full fine-tuning), else the

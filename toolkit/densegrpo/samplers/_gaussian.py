@@ -205,8 +205,10 @@ def gaussian_rollout(
     step_noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     noise_block: int = 1,
+    std_t: Tensor | None = None,
 ) -> Trajectory:
-    """Run ``T`` Gaussian transitions from ``noise (N,C,h,w)`` and record everything.
+    """Run ``T`` Gaussian transitions from ``noise (N,C,h,w)`` and record everything in a
+    :class:`Trajectory` (``trained_steps[:, k] = step_std[k] > 0``).
 
     Args:
         step_std: ``(T,)`` float32, the transition std of every step (``0`` = Euler step);
@@ -215,17 +217,13 @@ def gaussian_rollout(
         noise_block: the step noise is ``step_std * P eps`` with ``P`` the projection onto
             ``noise_block``-square-constant images (:func:`block_spread`; 1: isotropic noise),
             and the log-prob is :func:`block_log_prob`.
-
-    Returns:
-        a :class:`Trajectory`; ``trained_steps[:, k] = step_std[k] > 0``.
+        std_t: ``(T,)`` :attr:`Trajectory.std_t`; ``None``: ``step_std / sqrt(-dt)`` (flow-SDE).
     """
     device = torch.device(policy.device) if not isinstance(policy.device, torch.device) else policy.device
     if noise.ndim != 4:
         raise ValueError(f"noise must be (N, C, h, w), got shape {tuple(noise.shape)}.")
     if len(cond) != noise.shape[0]:
-        raise ValueError(
-            f"cond has {len(cond)} rows but noise has {noise.shape[0]}; encode one prompt per sample."
-        )
+        raise ValueError(f"cond has {len(cond)} rows but noise has {noise.shape[0]}; encode one prompt per sample.")
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     noise_level = noise_level.to(device=device, dtype=torch.float32)
     step_std = step_std.to(device=device, dtype=torch.float32)
@@ -271,6 +269,7 @@ def gaussian_rollout(
         step_std=step_std,
         trained_steps=stochastic.unsqueeze(0).expand(num_samples, num_steps).clone(),
         cond=cond,
+        std_t=None if std_t is None else std_t.to(device=device, dtype=torch.float32),
     )
 
 

@@ -15,7 +15,7 @@ from densegrpo.samplers._gaussian import (
     gaussian_rollout,
     gaussian_step_log_prob,
 )
-from densegrpo.samplers.flow_sde import flow_sde_step_std
+from densegrpo.samplers.flow_sde import flow_sde_std_t, flow_sde_step_std
 
 
 class CoarseSDESampler:
@@ -72,10 +72,12 @@ class CoarseSDESampler:
         """Sample from ``noise (N,C,h,w)`` along ``sigmas (T+1,)`` with ``noise_level (T,)``;
         ``step_noise (N,T,C,h,w)``, if given, is projected by ``P``."""
         check_grid(sigmas, noise_level)
-        step_std = flow_sde_step_std(sigmas, noise_level, self.config.deterministic_last_step)
+        last = self.config.deterministic_last_step
+        step_std = flow_sde_step_std(sigmas, noise_level, last)
         return gaussian_rollout(
             policy, cond, noise, sigmas, noise_level, step_std, self.sde_mean,
             step_noise=step_noise, generator=generator, noise_block=self.config.block,
+            std_t=flow_sde_std_t(sigmas, noise_level, last),
         )
 
     def log_prob(self, policy: Policy, traj: Trajectory, step: int) -> tuple[Tensor, Tensor]:

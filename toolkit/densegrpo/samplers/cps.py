@@ -33,7 +33,7 @@ class CPSSampler:
         mean   = (x - sigma v)(1 - sigma_next) + (x + (1 - sigma) v) * sqrt(sigma_next^2 - std_t^2)
         x_next = mean + std_t * eps
 
-    The transition std is ``std_t`` itself (``step_std``). ``log_probs`` are the exact
+    The transition std is ``std_t`` itself (``step_std``, and ``Trajectory.std_t``). ``log_probs`` are the exact
     Gaussian log-density averaged over ``C*h*w`` (Flow-GRPO's CPS code keeps only
     ``-(x_next - mean)^2``; we keep the normalised density so every sampler's log-probs mean
     the same thing). The last step has ``sigma_next = 0``, hence ``std_t = 0``: it is the
@@ -56,6 +56,9 @@ class CPSSampler:
     sde_mean = staticmethod(cps_mean)
     """The stochastic steps' mean function (a module-level function of ``_gaussian``)."""
 
+    noise_level_range = (0.0, 1.0)
+    """Levels ``a`` with ``sin(a pi / 2)`` rising from 0 to 1: beyond 1 the std would fall again."""
+
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else self.Config()
 
@@ -72,11 +75,13 @@ class CPSSampler:
     ) -> Trajectory:
         """Sample from ``noise (N,C,h,w)`` along ``sigmas (T+1,)`` with ``noise_level (T,)``."""
         check_grid(sigmas, noise_level)
-        if bool((noise_level > 1).any()):
+        if bool((noise_level > self.noise_level_range[1]).any()):
             raise ValueError("CPS noise levels must lie in [0, 1] (std_t = sigma_next * sin(a pi / 2)).")
+        step_std = cps_step_std(sigmas, noise_level)
+        # the transition std is std_t itself: both KL forms divide by it (method.md section 2)
         return gaussian_rollout(
-            policy, cond, noise, sigmas, noise_level, cps_step_std(sigmas, noise_level), self.sde_mean,
-            step_noise=step_noise, generator=generator,
+            policy, cond, noise, sigmas, noise_level, step_std, self.sde_mean,
+            step_noise=step_noise, generator=generator, std_t=step_std,
         )
 
     def log_prob(self, policy: Policy, traj: Trajectory, step: int) -> tuple[Tensor, Tensor]:

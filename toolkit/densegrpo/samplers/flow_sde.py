@@ -37,6 +37,18 @@ def flow_sde_step_std(sigmas: Tensor, noise_level: Tensor, deterministic_last_st
     return torch.tensor(std, dtype=torch.float32)
 
 
+def flow_sde_std_t(sigmas: Tensor, noise_level: Tensor, deterministic_last_step: bool = False) -> Tensor:
+    """``(T,)`` SDE coefficient ``std_t = a_k sqrt(sigma_k / (1 - sigma_k))`` of every step, without
+    the ``sqrt(-dt)`` of :func:`flow_sde_step_std` (Flow-GRPO's ``std_dev_t``, which its KL divides by)."""
+    grid = sigmas.to(torch.float32).tolist()
+    levels = noise_level.to(torch.float32).tolist()
+    cap = sigma_cap(grid)
+    std = [flow_sde_std(grid[k], levels[k], cap) for k in range(len(levels))]
+    if deterministic_last_step:
+        std[-1] = 0.0
+    return torch.tensor(std, dtype=torch.float32)
+
+
 class FlowSDESampler:
     """Flow-GRPO's stochastic sampler, one noise level ``a_k`` per step.
 
@@ -92,10 +104,11 @@ class FlowSDESampler:
     ) -> Trajectory:
         """Sample from ``noise (N,C,h,w)`` along ``sigmas (T+1,)`` with ``noise_level (T,)``."""
         check_grid(sigmas, noise_level)
-        step_std = flow_sde_step_std(sigmas, noise_level, self.config.deterministic_last_step)
+        last = self.config.deterministic_last_step
+        step_std = flow_sde_step_std(sigmas, noise_level, last)
         return gaussian_rollout(
             policy, cond, noise, sigmas, noise_level, step_std, self.sde_mean,
-            step_noise=step_noise, generator=generator,
+            step_noise=step_noise, generator=generator, std_t=flow_sde_std_t(sigmas, noise_level, last),
         )
 
     def log_prob(self, policy: Policy, traj: Trajectory, step: int) -> tuple[Tensor, Tensor]:

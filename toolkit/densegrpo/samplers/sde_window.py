@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Literal
 
@@ -17,8 +18,8 @@ from densegrpo.samplers._gaussian import (
     gaussian_rollout,
     gaussian_step_log_prob,
 )
-from densegrpo.samplers.cps import cps_step_std
-from densegrpo.samplers.flow_sde import flow_sde_step_std
+from densegrpo.samplers.cps import CPSSampler, cps_step_std
+from densegrpo.samplers.flow_sde import flow_sde_std_t, flow_sde_step_std
 
 _MEANS = {"flow-sde": flow_sde_mean, "cps": cps_mean}
 
@@ -66,6 +67,11 @@ class SDEWindowSampler:
         self.config = config if config is not None else self.Config()
         self.calls = 0
 
+    @property
+    def noise_level_range(self) -> tuple[float, float]:
+        """The levels the window's ``sde`` accepts: ``(0, 1)`` for cps, ``(0, inf)`` for flow-sde."""
+        return CPSSampler.noise_level_range if self.config.sde == "cps" else (0.0, math.inf)
+
     def window(self, num_steps: int, call: int | None = None, generator: torch.Generator | None = None) -> tuple[int, int]:
         """``(start, stop)`` step indices of the window of rollout number ``call``
         (default: the next one), or of the rollout seeded by ``generator``, on a ``T = num_steps`` grid."""
@@ -111,12 +117,12 @@ class SDEWindowSampler:
         level = torch.zeros(noise_level.shape, dtype=torch.float32)
         level[start:stop] = noise_level[start:stop].to("cpu", torch.float32)
         if self.config.sde == "cps":
-            step_std = cps_step_std(sigmas, level)
+            step_std = std_t = cps_step_std(sigmas, level)
         else:
-            step_std = flow_sde_step_std(sigmas, level)
+            step_std, std_t = flow_sde_step_std(sigmas, level), flow_sde_std_t(sigmas, level)
         return gaussian_rollout(
             policy, cond, noise, sigmas, level, step_std, _MEANS[self.config.sde],
-            step_noise=step_noise, generator=generator,
+            step_noise=step_noise, generator=generator, std_t=std_t,
         )
 
     def log_prob(self, policy: Policy, traj: Trajectory, step: int) -> tuple[Tensor, Tensor]:
