@@ -1,4 +1,5 @@
-"""PNG plots for runs: reward curves and calibrated noise levels (matplotlib, Agg)."""
+"""PNG plots for runs: reward curves and calibrated noise levels (matplotlib, Agg), and the
+drawing helpers the benchmark report shares with them."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path, dpi: int = 120, bbox_inches: str | None = "tight") -> Path:
+    """Write ``fig`` to ``path`` through a temporary file (a reader never sees half a PNG) and
+    close it. ``bbox_inches=None`` keeps the figure's own size (for a ``tight_layout`` figure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches)
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -31,6 +34,21 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
         if np.isfinite(chunk).any():
             out[i] = np.nanmean(chunk)
     return out
+
+
+def mean_std_band(ax: Any, xs: list[np.ndarray], ys: list[np.ndarray], label: str, color: Any, points: int = 50) -> None:
+    """Mean +- std over runs of curves ``ys[i]`` against ``xs[i]`` (each ``(L_i,)``, increasing),
+    drawn on the ``points`` grid where every run has data (interpolated)."""
+    grid = np.linspace(max(x[0] for x in xs), min(x[-1] for x in xs), points)
+    values = np.array([np.interp(grid, x, y) for x, y in zip(xs, ys)])
+    mean, std = values.mean(0), values.std(0)
+    ax.plot(grid, mean, label=label, color=color)
+    ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.15)
+
+
+def uniform_line(ax: Any, level: float) -> None:
+    """The uniform noise level ``a`` a calibrated psi(t) is compared against."""
+    ax.axhline(level, color="black", linestyle="--", label=f"uniform a = {level:g}")
 
 
 def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) -> Path:
@@ -64,7 +82,7 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: never over a curve
     ax.set_title("GRPO reward")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _eval_points(rows: list[dict[str, Any]], prefix: str) -> list[tuple[int, float, float]]:
@@ -84,10 +102,10 @@ def plot_calibration(history: list[dict[str, Any]], path: Path, uniform: float |
         psi = entry["noise_level_next"]
         ax.plot(range(len(psi)), psi, color=cmap(i / max(count - 1, 1)), alpha=0.8, label=f"round {entry['round'] + 1}" if i in {0, count - 1} else None)
     if uniform is not None and history:
-        ax.axhline(uniform, color="black", linestyle="--", label=f"uniform a = {uniform:g}")
+        uniform_line(ax, uniform)
     ax.set_xlabel("step index k (0 = pure noise)")
     ax.set_ylabel("noise level psi")
     ax.set_title("Reward-aware calibration (DenseGRPO Algorithm 1)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,0 +1,109 @@
+"""The benchmark's arms (which components each compares) and profiles (how large the runs are)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from densegrpo import config as cfg
+from densegrpo import registry
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: an advantage estimator and a calibrator, both registered components.
+
+    ``completion`` is the dense estimator's ODE completion length ``n`` (``None``: the
+    estimator's default, ``n = t``). Every other option is the default run's.
+    """
+
+    description: str
+    advantage: str
+    calibrator: str
+    completion: int | None = None
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the arm runs reward-aware calibration rounds, which the profile sizes."""
+        return self.calibrator == "reward-aware"
+
+    def overrides(self) -> list[str]:
+        """The ``--set`` overrides that select this arm's components. The component names come
+        before their options: setting a name drops the previous component's options."""
+        completion = [] if self.completion is None else [f"advantage.config.completion={self.completion}"]
+        return [f"advantage.name={self.advantage}", *completion, f"calibrator.name={self.calibrator}"]
+
+
+# The DenseGRPO arm is "densegrpo" (n = t with reward-aware calibration); the others each change one thing.
+ARMS: dict[str, Arm] = {
+    "flow-grpo": Arm("Flow-GRPO: sparse + uniform", "sparse", "uniform"),
+    "densegrpo": Arm("DenseGRPO: dense (n = t) + reward-aware", "dense", "reward-aware"),
+    "dense-uniform": Arm("dense (n = t) + uniform", "dense", "uniform"),
+    "sparse-calibrated": Arm("sparse + reward-aware", "sparse", "reward-aware"),
+    "dense-raw": Arm("dense-raw (R_{t-1} as step reward) + uniform", "dense-raw", "uniform"),
+    "dense-n1": Arm("DenseGRPO with ODE completion n = 1", "dense", "reward-aware", completion=1),
+    "dense-n2": Arm("DenseGRPO with ODE completion n = 2", "dense", "reward-aware", completion=2),
+    "dense-return": Arm("dense-return (discounted reward-to-go) + reward-aware", "dense-return", "reward-aware"),
+}
+DEFAULT_REWARDS = ("toy-geneval", "toy-clip")
+
+
+@dataclass
+class Profile:
+    """Run sizes of a benchmark profile; ``overrides`` are applied after the arm's."""
+
+    iterations: int
+    group_size: int
+    groups: int
+    calibration_rounds: int
+    calibration_samples: int
+    eval_prompts: int
+    overrides: list[str] = field(default_factory=list)
+
+
+PROFILES = {
+    "quick": Profile(iterations=2, group_size=4, groups=2, calibration_rounds=1, calibration_samples=8, eval_prompts=4, overrides=["sampling.eval_steps=10"]),
+    # On the default 16 px toy policy: 8 iterations of 2 x 8 samples, 48 runs in about 15 minutes on 2 cores.
+    "default": Profile(
+        iterations=8, group_size=8, groups=2, calibration_rounds=2, calibration_samples=16, eval_prompts=32,
+        # no sample grids, and 2 images per evaluation prompt: evaluation would otherwise outweigh 8 iterations of training
+        overrides=["logging.sample_prompts=0", "logging.eval_images_per_prompt=2"],
+    ),
+}
+
+
+def arm_config(arm: str | Arm, reward: str, seed: int, profile: Profile, iterations: int) -> cfg.RunConfig:
+    """The resolved run config of ``arm`` (a name in :data:`ARMS` or an :class:`Arm`) on ``reward``."""
+    spec = ARMS[arm] if isinstance(arm, str) else arm
+    calibration = [f"calibrator.config.max_rounds={profile.calibration_rounds}", f"calibrator.config.samples_per_round={profile.calibration_samples}"]
+    return cfg.resolve(
+        None,
+        [
+            f"seed={seed}",
+            "prompts.train=toy-train",  # the whole training set, not the default run's 8-prompt focus set
+            "logging.train_eval_images_per_prompt=0",
+            f"iterations={iterations}",
+            "checkpoint_every=0",
+            f"rewards.0.name={reward}",
+            f"train.group_size={profile.group_size}",
+            f"train.groups_per_iteration={profile.groups}",
+            "logging.progress=false",
+            "logging.sample_every=0",
+            "logging.sample_prompts=8",
+            f"logging.eval_prompts={profile.eval_prompts}",
+            *spec.overrides(),
+            *(calibration if spec.calibrates else []),
+            *profile.overrides,
+        ],
+    )
+
+
+def uniform_level(config: cfg.RunConfig) -> float:
+    """The uniform noise level ``a`` of ``config``'s calibrator: the reward-aware calibrator's
+    starting psi (``initial``) or the uniform calibrator's ``noise_level``."""
+    name = config.calibrator.name
+    options = registry.validate_config("calibrators", name, config.calibrator.config)
+    if name == "reward-aware":
+        return float(options.initial)
+    if name == "uniform":
+        return float(options.noise_level)
+    raise ValueError(f"calibrator '{name}' has no uniform noise level; the benchmark's arms use 'uniform' or 'reward-aware'")
