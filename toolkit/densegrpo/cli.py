@@ -110,8 +110,16 @@ def train(
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<timestamp>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its latest checkpoint."),
+    fallback: bool = typer.Option(
+        False, "--fallback",
+        help="With --resume: when the latest checkpoint is damaged (checked against its sha256 manifest), continue from the newest intact one instead of stopping.",
+    ),
 ) -> None:
     """Train with GRPO; writes metrics.jsonl, checkpoints, sample grids and a reward curve.
+
+    A run folder has one writer at a time (RUN_DIR/.lock); a second train into it exits 2. On
+    --resume every checkpoint file is checked against the sha256 manifest written with it; a
+    damaged checkpoint stops the run with one line, unless --fallback is given.
 
     One process needs no launcher. For K processes (GPUs: NCCL, CPU: gloo) start the same command
     with a launcher; the global batch (group_size x groups_per_iteration) must divide by K:
@@ -130,7 +138,7 @@ def train(
     from densegrpo.distributed import launcher_rank
     from densegrpo.train import train_from_cli
 
-    summary = train_from_cli(config, overrides, out, resume)
+    summary = train_from_cli(config, overrides, out, resume, fallback)
     if launcher_rank() == 0:  # under a launcher, rank 0 alone reports
         typer.echo(json.dumps(summary))
 

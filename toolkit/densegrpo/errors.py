@@ -24,3 +24,13 @@ class PluginImportError(UserError, ImportError):
 
 class ConfigError(UserError, ValueError):
     """A configuration file or value that does not validate."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, damaged, or could not be written; ``folder`` names it and
+    ``problem`` says what is wrong with it, in a few words."""
+
+    def __init__(self, message: str, folder: object = None, problem: str = "") -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.problem = problem

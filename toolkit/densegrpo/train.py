@@ -24,7 +24,7 @@ from densegrpo.grpo import IterationResult, Learner, iteration, local_minibatch
 from densegrpo.noise import generator_for
 from densegrpo.reward_scorer import RewardScorer
 from densegrpo.rewarding import num_trained_steps, plan_scoring
-from densegrpo.runs import default_run_dir, load_run_config, save_run_config
+from densegrpo.runs import default_run_dir, load_run_config, save_run_config, writer_lock
 from densegrpo.sigmas import make_sigmas
 
 NFE_KEYS = ("nfe_rollout", "nfe_dense", "nfe_train", "nfe_calibration")
@@ -162,15 +162,16 @@ def warn_zero_noise_once(run: Run, record: dict[str, Any]) -> None:
 
 
 def run_training(config: cfg.RunConfig, run_dir: Path, resume: bool = False, components: Components | None = None,
-                 hooks: list[Any] | None = None) -> dict[str, Any]:
-    """Train ``config`` into ``run_dir``; with ``resume``, continue from its latest checkpoint.
+                 hooks: list[Any] | None = None, fallback: bool = False) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; with ``resume``, continue from its latest checkpoint
+    (a damaged one stops the run; with ``fallback`` too, the newest intact one is used).
 
     ``hooks`` are added to the configured ones (``config.hooks``), in order, before the
     built-in hooks that write metrics and checkpoints (see :func:`densegrpo.hooks.run_hooks`).
     """
     world = init_world()
     try:
-        summary = _train(config, Path(run_dir), resume, world, components, hooks or [])
+        summary = _train(config, Path(run_dir), resume, world, components, hooks or [], fallback)
         world.barrier()  # every rank is done before the process group goes away
         return summary
     finally:
@@ -178,34 +179,40 @@ def run_training(config: cfg.RunConfig, run_dir: Path, resume: bool = False, com
 
 
 def _train(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, components: Components | None,
-           extra_hooks: list[Any]) -> dict[str, Any]:
+           extra_hooks: list[Any], fallback: bool = False) -> dict[str, Any]:
     from densegrpo.hooks import checkpoints, run_hooks
 
-    if world.is_main:
-        if not resume and (run_dir / "metrics.jsonl").exists():
+    # Only rank 0 writes the folder, so only it takes the lock; a refused rank 0 exits and the
+    # launcher stops the other ranks.
+    with writer_lock(run_dir) if world.is_main else nullcontext():
+        if world.is_main and not resume and (run_dir / "metrics.jsonl").exists():
             raise UserError(f"'{run_dir}' already holds a run; pass --resume {run_dir} to continue it or choose another --out")
-        save_run_config(run_dir, config)
-    run = Run(config, run_dir, world, components)
-    if resume:
-        checkpoints.restore_latest(run)
-    hooks = run_hooks(config, extra_hooks)
-    for hook in hooks:
-        hook.before_training(run)
-    while not run.finished:
-        record = train_step(run)
+        run = Run(config, run_dir, world, components)
+        if resume:
+            checkpoints.restore_latest(run, fallback)
+        if world.is_main:  # after the checkpoint loaded: a resume that fails leaves the folder as it was
+            save_run_config(run_dir, config)
+        hooks = run_hooks(config, extra_hooks)
         for hook in hooks:
-            hook.after_iteration(run, record)
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "iterations": run.iteration, **run.totals}
-    for hook in hooks:
-        hook.after_training(run, summary)
+            hook.before_training(run)
+        while not run.finished:
+            record = train_step(run)
+            for hook in hooks:
+                hook.after_iteration(run, record)
+        summary: dict[str, Any] = {"run_dir": str(run_dir), "iterations": run.iteration, **run.totals}
+        for hook in hooks:
+            hook.after_training(run, summary)
     return summary
 
 
-def train_from_cli(config_path: Path | None, overrides: list[str], out: Path | None, resume: Path | None) -> dict[str, Any]:
+def train_from_cli(config_path: Path | None, overrides: list[str], out: Path | None, resume: Path | None,
+                   fallback: bool = False) -> dict[str, Any]:
+    if fallback and resume is None:
+        raise UserError("--fallback only goes with --resume RUN_DIR")
     if resume is not None:
         if out is not None and Path(out) != Path(resume):
             raise UserError("pass either --resume RUN_DIR or --out DIR, not both")
         config = load_run_config(resume, overrides) if config_path is None else cfg.resolve(config_path, overrides)
-        return run_training(config, Path(resume), resume=True)
+        return run_training(config, Path(resume), resume=True, fallback=fallback)
     config = cfg.resolve(config_path, overrides)
     return run_training(config, Path(out) if out else default_run_dir())

@@ -31,17 +31,22 @@ def save_checkpoint(run: "Run") -> None:
     ckpt.save(run.run_dir, run.iteration, ckpt.Checkpoint(trainable, optimizer, state, ema))
 
 
-def restore_latest(run: "Run") -> None:
-    """Continue from ``run``'s latest checkpoint, if it has one."""
-    folder = ckpt.latest(run.run_dir)
-    if folder is not None:
-        restore(run, folder)
+def restore_latest(run: "Run", fallback: bool = False) -> None:
+    """Continue from ``run``'s latest checkpoint, if it has one. A damaged one stops the run
+    (:class:`~densegrpo.errors.CheckpointError`); with ``fallback``, the newest intact one is used."""
+    found = ckpt.load_latest(run.run_dir, map_location=run.policy.device, fallback=fallback)
+    if found is not None:
+        apply(run, found[1])
 
 
 def restore(run: "Run", folder: Path) -> None:
-    """Load checkpoint ``folder`` into ``run``: weights, optimizer, EMA, iteration, totals,
-    clock and calibrator."""
-    saved = ckpt.load(folder, map_location=run.policy.device)
+    """Load checkpoint ``folder`` into ``run`` (see :func:`apply`)."""
+    apply(run, ckpt.load(folder, map_location=run.policy.device))
+
+
+def apply(run: "Run", saved: ckpt.Checkpoint) -> None:
+    """Put a loaded checkpoint into ``run``: weights, optimizer, EMA, iteration, totals, clock
+    and calibrator."""
     run.policy.load_trainable_state_dict(saved.trainable)
     run.learner.parallel.load_optimizer_state_dict(run.learner.optimizer, saved.optimizer)
     if saved.ema is not None and run.ema is not None:
