@@ -141,3 +141,38 @@ class LossForwardSpy(AnalyticPolicy):
     def velocity(self, x, sigma, cond):
         self.counts["loss" if self.inside else "other"] += 1
         return super().velocity(x, sigma, cond)
+
+
+class FaultyReward(BrightnessReward):
+    """BrightnessReward that goes wrong from its ``at_call``-th call on, in the way ``fault`` names
+    (raise, shape, dtype, device, inf, nan): the failing plugins of tests/test_faults.py."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        target: float = Field(0.8, description="Brightness that scores best.")
+        fault: str = Field("raise", description="raise, shape, dtype, device, inf or nan.")
+        at_call: int = Field(1, description="The first call (1-based) that goes wrong.")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config or self.Config()
+        self.calls = 0
+
+    def __call__(self, images, prompts, metadata):
+        self.calls += 1
+        scores = super().__call__(images, prompts, metadata)
+        if self.calls < self.config.at_call:
+            return scores
+        fault = self.config.fault
+        if fault == "raise":
+            raise RuntimeError("scoring server unreachable:\n  connection refused")
+        if fault == "shape":
+            return scores[:, None].expand(-1, 2)
+        if fault == "dtype":
+            return (scores > 0).long()
+        if fault == "device":
+            return scores.to("meta")
+        if fault == "inf":
+            return torch.where(torch.arange(len(scores)) == 1, torch.tensor(float("inf")), scores)
+        if fault == "nan":
+            return torch.where(torch.arange(len(scores)) % 2 == 1, torch.tensor(float("nan")), scores)
+        raise ValueError(f"unknown fault {fault!r}")
