@@ -54,14 +54,17 @@ class Run:
         self.config = config
         self.run_dir = Path(run_dir)
         self.world = world or World()
-        torch.manual_seed(config.seed)
-        self.parts = conformed(components) if components is not None else build(config)
-        self.parts.calibrator.limit_noise_level(*self.parts.sampler.noise_level_range)
-        self.policy = self.parts.policy
+        # Prompts and component names are checked before any weights load (minutes for SD3).
         self.train_records = load_prompt_records(config.prompts.train)
         self.test_records = load_prompt_records(config.prompts.test)
         if not self.train_records:
             raise UserError(f"no training prompts in '{config.prompts.train}'; point prompts.train at a non-empty file")
+        if components is None:
+            cfg.validate_components(config)
+        torch.manual_seed(config.seed)
+        self.parts = conformed(components) if components is not None else build(config)
+        self.parts.calibrator.limit_noise_level(*self.parts.sampler.noise_level_range)
+        self.policy = self.parts.policy
         t = config.train
         sigmas = make_sigmas(config.sampling.num_steps, config.sampling.shift)
         # DDP/FSDP before the optimizer: FSDP replaces the parameters by sharded ones.
