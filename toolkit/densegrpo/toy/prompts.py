@@ -161,7 +161,7 @@ def _read_jsonl(text: str, source: str) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UserError(f"{source} line {number} is not valid JSON ({error.msg}); fix that line") from None
+            raise UserError(f"{source} line {number} is not valid JSON ({error.msg} column {error.colno}); fix that line") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise UserError(f"{source} line {number} needs a 'prompt' string, as in GenEval's metadata format")
         rows.append(row)
