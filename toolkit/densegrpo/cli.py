@@ -2,7 +2,8 @@
 
 User mistakes exit with status 2 and one line that names the problem and the fix; no
 traceback (:class:`OneLineErrors`). ``densegrpo train`` stopped by SIGTERM or SIGINT exits
-143 or 130 after writing a checkpoint (:mod:`densegrpo.preemption`). ``densegrpo COMMAND --help`` documents every command.
+143 or 130 after writing a checkpoint (:mod:`densegrpo.preemption`). ``densegrpo COMMAND
+--help`` documents every command.
 
 Multi-process runs use the standard launchers, with no code change:
 ``torchrun --nproc_per_node=K -m densegrpo train CONFIG`` or
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -28,7 +29,8 @@ from typer.core import TyperGroup
 from densegrpo.errors import UserError
 from densegrpo.preemption import Aborted, Preempted
 
-def _exit_on_errors(run: Any) -> Any:
+
+def _exit_on_errors(run: Callable[[], Any]) -> Any:
     """Call ``run()``; a user error, a usage error or a stop by a signal ends the process with
     one line on stderr and its status: 2 for bad input, 128 + the signal's number for a stop."""
     try:
