@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable
@@ -176,3 +177,18 @@ class FaultyReward(BrightnessReward):
         if fault == "nan":
             return torch.where(torch.arange(len(scores)) % 2 == 1, torch.tensor(float("nan")), scores)
         raise ValueError(f"unknown fault {fault!r}")
+
+
+class PauseHook:
+    """A user hook that sleeps after every iteration: it keeps a short run alive long enough to
+    be signalled (tests/test_faults.py) without changing anything the run computes."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        seconds: float = Field(0.1, ge=0, description="Sleep after each iteration, in seconds.")
+
+    def __init__(self, config: Config | None = None):
+        self.config = config or self.Config()
+
+    def after_iteration(self, run, record):
+        time.sleep(self.config.seconds)

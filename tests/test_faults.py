@@ -1,5 +1,6 @@
 """Faults on the main path, each injected for real: damaged checkpoints, a second writer, a full
-disk while checkpointing, and reward plugins that fail (issue 20; docs/faults.md)."""
+disk while checkpointing, reward plugins that fail, and SIGTERM/SIGINT during training
+(issue 20; docs/faults.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from densegrpo import checkpoint as ckpt
 from densegrpo import config as cfg
 from densegrpo.build import WeightedReward
-from densegrpo.cli import main
+from densegrpo.cli import app, main
 from densegrpo.errors import CheckpointError, UserError
+from densegrpo.preemption import Aborted, Preempted
 from densegrpo.reward_scorer import RewardScorer
 from densegrpo.runs import writer_lock
 from densegrpo.train import run_training
@@ -333,3 +337,113 @@ def test_a_reward_failing_at_iteration_3_stops_the_run_and_leaves_iteration_2_la
     folder = ckpt.latest(run)
     assert folder.name == "iter-000002" and ckpt.verify(folder) and ckpt.load(folder).state["iteration"] == 2
     assert [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+# -- 5. preemption: SIGTERM and SIGINT --------------------------------------------------------
+
+# 20 iterations of ~0.1 s (the pause hook changes nothing the run computes), checkpoints only at
+# the end: a stop's checkpoint is the one the stop itself writes.
+PREEMPTIBLE = [*ANALYTIC, *QUIET, "checkpoint_every=0", "iterations=20", "hooks=[{name: loop_components:PauseHook}]"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run of PREEMPTIBLE."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    run_training(cfg.resolve(None, PREEMPTIBLE), run)
+    return run
+
+
+def metrics_iterations(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["iteration"] for line in lines if line.endswith("}")]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_ends_the_iteration_checkpoints_and_the_resume_is_bit_identical(tmp_path, straight, signal_number):
+    run = tmp_path / "run"
+    training = cli("train", *[a for item in PREEMPTIBLE for a in ("--set", item)], "--out", str(run))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and training.poll() is None and not any(i >= 1 for i in metrics_iterations(run)):
+            time.sleep(0.02)
+        assert training.poll() is None, training.communicate()[1]
+        os.kill(training.pid, signal_number)
+        out, err = training.communicate(timeout=120)
+    finally:
+        if training.poll() is None:
+            training.kill()
+    name = signal.Signals(signal_number).name
+    assert training.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[signal_number], err
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, out + err
+    done = int(re.fullmatch(rf"densegrpo: stopped by {name} after (\d+) of 20 iterations; .*", lines[0]).group(1))
+    folder = run / "checkpoints" / f"iter-{done:06d}"
+    assert lines[0] == (f"densegrpo: stopped by {name} after {done} of 20 iterations; checkpoint written to '{folder}'; "
+                        f"resume with `densegrpo train --resume {run}`")
+    assert 2 <= done < 20  # iteration 1 was logged before the signal; the one under way was finished
+    assert ckpt.latest(run) == folder and ckpt.verify(folder) and ckpt.load(folder).state["iteration"] == done
+    assert metrics_iterations(run) == list(range(done))
+    assert json.loads((run / "summary.json").read_text())["stopped_by"] == name
+
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    final = "checkpoints/iter-000020/trainable.safetensors"
+    assert (run / final).read_bytes() == (straight / final).read_bytes()  # bit for bit
+    assert metrics_iterations(run) == list(range(20))
+    rewards = [[json.loads(line)["reward_mean"] for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (run, straight)]
+    assert rewards[0] == rewards[1]
+
+
+class SignalSelf:
+    """A user hook that sends this process SIGTERM ``times`` times at iteration ``at`` (or before
+    the first iteration with ``at=-1``)."""
+
+    def __init__(self, at: int, times: int = 1):
+        self.at, self.times = at, times
+
+    def send(self):
+        for _ in range(self.times):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def before_training(self, run):
+        if self.at == -1:
+            self.send()
+
+    def after_iteration(self, run, record):
+        if record["iteration"] == self.at:
+            self.send()
+
+
+def handlers() -> dict[int, object]:
+    return {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+
+
+@pytest.mark.parametrize("at, said", [
+    (1, "after 2 of 5 iterations; its checkpoint '{run}/checkpoints/iter-000002' was already written; "),
+    (-1, "before the first iteration; nothing to checkpoint; "),
+])
+def test_a_stop_says_which_checkpoint_holds_the_run_and_restores_the_signal_handlers(tmp_path, at, said):
+    run, before = tmp_path / "run", handlers()
+    with pytest.raises(Preempted) as stop:
+        run_training(quiet_config("iterations=5"), run, hooks=[SignalSelf(at)])
+    assert handlers() == before
+    assert str(stop.value) == (f"densegrpo: stopped by SIGTERM {said.format(run=run)}"
+                               f"resume with `densegrpo train --resume {run}`" + (" to start it" if at == -1 else ""))
+    assert stop.value.exit_status == 143 and stop.value.summary["stopped_by"] == "SIGTERM"
+    assert metrics_iterations(run) == list(range(at + 1))
+    run_training(quiet_config("iterations=5"), run, resume=True)  # a run stopped before its first checkpoint starts over
+    assert metrics_iterations(run) == list(range(5))
+
+
+def test_a_second_signal_while_stopping_aborts_at_once_without_a_new_checkpoint(tmp_path):
+    run, before = tmp_path / "run", handlers()
+    with pytest.raises(Aborted) as stop:
+        run_training(quiet_config("iterations=5"), run, hooks=[SignalSelf(1, times=2)])
+    assert handlers() == before
+    assert str(stop.value) == ("densegrpo: second SIGTERM while stopping; stopped at once without a new checkpoint; "
+                               f"resume with `densegrpo train --resume {run}` (from its latest checkpoint)")
+    assert stop.value.exit_status == 143
+    # aborted inside iteration 1's hooks, before its checkpoint: iteration 0's stays latest
+    assert ckpt.latest(run).name == "iter-000001" and ckpt.verify(ckpt.latest(run))

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from densegrpo import registry
 from densegrpo.config import ComponentSpec, RewardSpec, RunConfig
+from densegrpo.errors import ConfigError
 from densegrpo.protocols import conform
 
 
@@ -39,7 +42,25 @@ def policy_config(spec: ComponentSpec, device: str) -> dict[str, Any]:
     return options
 
 
+def check_device(name: str) -> None:
+    """Fail with one line, before any weights load, when ``name`` is no torch device or one this
+    machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device '{name}' is not a torch device; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device '{name}': torch finds no CUDA GPU on this machine; use --set device=cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device '{name}': this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device '{name}': torch finds no Apple GPU (MPS) on this machine; use --set device=cpu")
+
+
 def build_policy(config: RunConfig) -> Any:
+    check_device(config.device)
     return registry.load("policies", config.policy.name, policy_config(config.policy, config.device))
 
 

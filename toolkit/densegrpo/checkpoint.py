@@ -143,14 +143,19 @@ def _write_files(staging: Path, checkpoint: Checkpoint) -> None:
             os.fsync(stream.fileno())
 
 
+def folder_for(run_dir: Path, iteration: int) -> Path:
+    """``RUN_DIR/checkpoints/iter-XXXXXX``, the folder of the checkpoint after ``iteration`` iterations."""
+    return Path(run_dir) / "checkpoints" / f"iter-{iteration:06d}"
+
+
 def save(run_dir: Path, iteration: int, checkpoint: Checkpoint, keep: int = 2) -> Path:
     """Write ``checkpoints/iter-XXXXXX`` atomically and point ``latest`` at it.
 
     A failed write (a full disk: ``ENOSPC``) leaves no folder behind and ``latest`` where it
     was, and raises :class:`~densegrpo.errors.CheckpointError` with the system's message.
     """
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"iter-{iteration:06d}"
+    final = folder_for(run_dir, iteration)
+    root = final.parent
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))

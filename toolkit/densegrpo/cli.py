@@ -1,7 +1,9 @@
 """The ``densegrpo`` command line (Typer).
 
 User mistakes exit with status 2 and one line that names the problem and the fix; no
-traceback. ``densegrpo COMMAND --help`` documents every command.
+traceback (:class:`OneLineErrors`). ``densegrpo train`` stopped by SIGTERM or SIGINT exits
+143 or 130 after writing a checkpoint (:mod:`densegrpo.preemption`). ``densegrpo COMMAND
+--help`` documents every command.
 
 Multi-process runs use the standard launchers, with no code change:
 ``torchrun --nproc_per_node=K -m densegrpo train CONFIG`` or
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -22,11 +24,66 @@ try:  # Typer >= 0.22 vendors its own copy of click
 except ImportError:  # pragma: no cover - older Typer on plain click
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from typer import Abort, Exit
+from typer.core import TyperGroup
 
 from densegrpo.errors import UserError
+from densegrpo.preemption import Aborted, Preempted
+
+
+def _exit_on_errors(run: Callable[[], Any]) -> Any:
+    """Call ``run()``; a user error, a usage error or a stop by a signal ends the process with
+    one line on stderr and its status: 2 for bad input, 128 + the signal's number for a stop."""
+    try:
+        return run()
+    except NoArgsIsHelpError as error:
+        typer.echo(error.ctx.get_help() if error.ctx else "densegrpo --help")
+        sys.exit(0)
+    except UsageError as error:
+        command = error.ctx.command_path if error.ctx else "densegrpo"
+        typer.echo(f"error: {error.format_message().rstrip('.')}; see `{command} --help`", err=True)
+        sys.exit(2)
+    except Exit as error:
+        sys.exit(error.exit_code)
+    except ClickException as error:
+        typer.echo(f"error: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
+    except Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except UserError as error:
+        message = " ".join(str(error).split())
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
+    except (Preempted, Aborted) as stop:
+        from densegrpo.distributed import launcher_rank
+
+        if launcher_rank() == 0:  # every rank stops; one line is enough
+            typer.echo(str(stop), err=True)
+        sys.exit(stop.exit_status)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+class OneLineErrors(TyperGroup):
+    """The top-level command. It answers user errors with one line and exit status 2 however
+    the app is started: the console script, ``python -m densegrpo`` or typer's ``CliRunner``."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
+        result = _exit_on_errors(lambda: super(OneLineErrors, self).main(
+            args, prog_name, complete_var, standalone_mode=False, windows_expand_args=windows_expand_args, **extra
+        ))
+        if isinstance(result, int) and result:
+            sys.exit(result)
+        if standalone_mode:
+            sys.exit(0)
+        return result
+
 
 app = typer.Typer(
     name="densegrpo",
+    cls=OneLineErrors,
     help="GRPO alignment of flow-matching text-to-image models with sparse (Flow-GRPO) and dense (DenseGRPO) rewards.",
     no_args_is_help=True,
     add_completion=False,
@@ -120,6 +177,11 @@ def train(
     A run folder has one writer at a time (RUN_DIR/.lock); a second train into it exits 2. On
     --resume every checkpoint file is checked against the sha256 manifest written with it; a
     damaged checkpoint stops the run with one line, unless --fallback is given.
+
+    SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) ends the iteration under way, writes a
+    checkpoint, prints one line and exits 143 (SIGTERM) or 130 (SIGINT); --resume RUN_DIR then
+    continues bit-identically. A second signal while stopping stops at once (no new checkpoint).
+    Exit status 2: bad input (one line says what to fix).
 
     One process needs no launcher. For K processes (GPUs: NCCL, CPU: gloo) start the same command
     with a launcher; the global batch (group_size x groups_per_iteration) must divide by K:
@@ -234,33 +296,8 @@ def bench_sparse_vs_dense(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning user errors into one line and exit status 2."""
-    try:
-        result = app(args=argv, prog_name="densegrpo", standalone_mode=False)
-    except NoArgsIsHelpError as error:
-        typer.echo(error.ctx.get_help() if error.ctx else "densegrpo --help")
-        sys.exit(0)
-    except UsageError as error:
-        command = error.ctx.command_path if error.ctx else "densegrpo"
-        typer.echo(f"error: {error.format_message()}; see `{command} --help`", err=True)
-        sys.exit(2)
-    except Exit as error:
-        sys.exit(error.exit_code)
-    except ClickException as error:
-        typer.echo(f"error: {error.format_message()}", err=True)
-        sys.exit(error.exit_code)
-    except Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except UserError as error:
-        message = " ".join(str(error).split())
-        typer.echo(f"error: {message}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    if isinstance(result, int) and result:
-        sys.exit(result)
+    """Entry point: run the app (which ends the process with its exit status, see :class:`OneLineErrors`)."""
+    app(args=argv, prog_name="densegrpo")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+RUN_CONFIG = "config.yaml"
+"""The resolved config a run folder keeps (see :mod:`densegrpo.runs`)."""
 
 
 class ComponentSpec(BaseModel):
@@ -156,7 +158,7 @@ class RunConfig(BaseModel):
     """A full training run. Every slot is a registered component plus its config."""
 
     model_config = STRICT
-    seed: int = Field(0, description="Seed for noise, prompt order and initialisation; runs are deterministic on CPU.")
+    seed: int = Field(0, ge=0, description="Seed for noise, prompt order and initialisation; runs are deterministic on CPU.")
     iterations: int = Field(60, ge=0, description="GRPO iterations (rollout + update) to run.")
     checkpoint_every: int = Field(10, ge=0, description="Write a checkpoint every K iterations (0: only at the end).")
     device: str = Field("cpu", description="Torch device for the policy, e.g. 'cpu' or 'cuda'.")
@@ -221,16 +223,23 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"config file '{path}' does not exist; check the path or run `densegrpo config show` for a template")
     if path.is_dir():
-        raise ConfigError(f"'{path}' is a folder; pass a .yaml or .toml config file")
-    text = path.read_text(encoding="utf-8")
+        again = f"; to continue the run in it, pass --resume {path}" if (path / RUN_CONFIG).is_file() else ""
+        raise ConfigError(f"'{path}' is a folder; pass a .yaml or .toml config file{again}")
     suffix = path.suffix.lower()
+    if suffix not in {".toml", ".yaml", ".yml", ".json"}:
+        raise ConfigError(f"config file '{path}' must end in .yaml, .yml, .toml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                          f"{error.start}); save it as UTF-8 YAML or TOML") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file '{path}': {error.strerror or error}") from None
     try:
         if suffix == ".toml":
             data = tomllib.loads(text)
-        elif suffix in {".yaml", ".yml", ".json"}:
-            data = yaml.safe_load(text)
         else:
-            raise ConfigError(f"config file '{path}' must end in .yaml, .yml, .toml or .json")
+            data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -73,6 +73,14 @@ class World:
         torch_dist.all_reduce(tensor)
         return float(tensor.item())
 
+    def max(self, value: float) -> float:
+        """The largest of a Python number over ranks."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return float(tensor.item())
+
     def barrier(self) -> None:
         if self.active:
             torch_dist.barrier()

@@ -19,6 +19,8 @@ def load_images(paths: Sequence[str | Path]) -> list[torch.Tensor]:
     out = []
     for path in paths:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"'{path}' is a folder, not an image file; pass the images in it (e.g. {path}/*.png)")
         if not path.is_file():
             raise UserError(f"image file '{path}' does not exist; check the path")
         try:
@@ -68,6 +70,19 @@ def _wrap(text: str, width: int) -> str:
             line = f"{line} {word}".strip()
     lines.append(line)
     return "\n".join(lines[:2])
+
+
+def check_output_file(path: str | Path, option: str = "--out") -> None:
+    """Fail before any work when ``path`` cannot become a file: it is a folder, or a folder
+    above it is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} '{path}' is a folder; pass a file name such as {path / 'grid.png'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{option} '{path}' cannot be written: '{parent}' is a file, not a folder")
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:

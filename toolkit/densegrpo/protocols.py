@@ -454,7 +454,8 @@ OPTIONAL_MEMBERS: dict[str, tuple[OptionalMember, ...]] = {
         OptionalMember("after_iteration", lambda c: lambda run, record: None, "after_iteration(run, record): after "
                        "each iteration; may add keys to the metrics record."),
         OptionalMember("after_training", lambda c: lambda run, summary: None, "after_training(run, summary): once, "
-                       "at the end; may add keys to the summary."),
+                       "at the end of this process, also after a stop by a signal (summary['stopped_by']); may add "
+                       "keys to the summary."),
     ),
 }
 """What the loop may read beyond each protocol's required members, by kind, with defaults.

@@ -20,7 +20,7 @@ from densegrpo import config as cfg
 from densegrpo.build import build_policy
 from densegrpo.errors import UserError
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = cfg.RUN_CONFIG
 LOCK_FILE = ".lock"
 
 
@@ -34,6 +34,10 @@ def is_run_dir(path: Path | None) -> bool:
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> cfg.RunConfig:
     path = Path(run_dir) / CONFIG_FILE
+    if not Path(run_dir).exists():
+        raise UserError(f"run folder '{run_dir}' does not exist; pass the folder `densegrpo train --out` wrote")
+    if not Path(run_dir).is_dir():
+        raise UserError(f"'{run_dir}' is a file, not a run folder; pass the folder `densegrpo train --out` wrote")
     if not path.exists():
         raise UserError(f"'{run_dir}' is not a run folder (no {CONFIG_FILE}); pass the folder `densegrpo train --out` wrote")
     return cfg.resolve(path, overrides)
@@ -50,10 +54,18 @@ def writer_lock(run_dir: Path) -> Iterator[None]:
 
     A second writer gets a :class:`~densegrpo.errors.UserError` naming the holder's pid, before
     it touches anything. The kernel drops the lock when the holder's process ends, however it
-    ends (SIGKILL included), so no stale lock is left to clean up; the file itself stays.
+    ends (SIGKILL included), so no stale lock is left to clean up; the file itself stays. A
+    folder this call made, and in which nothing but the lock was written when the body fails
+    (a bad prompt file, an unknown component), is removed again.
     """
     folder = Path(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot make run folder '{run_dir}': it or a folder above it is a file; choose another --out") from None
+    except OSError as error:
+        raise UserError(f"cannot make run folder '{run_dir}': {error.strerror or error}; choose another --out") from None
     with open(folder / LOCK_FILE, "a+", encoding="utf-8") as handle:
         if fcntl is not None:
             try:
@@ -69,7 +81,22 @@ def writer_lock(run_dir: Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        yield
+        try:
+            yield
+        except BaseException:
+            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                _remove_empty(folder)
+            raise
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove a run folder that holds only its lock file (the lock is still held: no one else
+    can have written into it)."""
+    try:
+        (folder / LOCK_FILE).unlink()
+        folder.rmdir()
+    except OSError:
+        pass  # someone else's file appeared meanwhile: leave the folder
 
 
 def config_or_run(target: Path | None, overrides: list[str] | None = None) -> tuple[cfg.RunConfig, Path | None]:
@@ -81,11 +108,11 @@ def config_or_run(target: Path | None, overrides: list[str] | None = None) -> tu
 
 def load_policy(config: cfg.RunConfig, run_dir: Path | None = None, use_ema: bool = True) -> Any:
     """Build the configured policy; from a run folder, restore its latest trained weights."""
+    folder = ckpt.latest(run_dir) if run_dir is not None else None
+    if run_dir is not None and folder is None:  # before the weights load
+        raise UserError(f"run folder '{run_dir}' has no checkpoint yet; train longer or pass its config instead")
     policy = build_policy(config)
-    if run_dir is not None:
-        folder = ckpt.latest(run_dir)
-        if folder is None:
-            raise UserError(f"run folder '{run_dir}' has no checkpoint yet; train longer or pass its config instead")
+    if folder is not None:
         saved = ckpt.load(folder, map_location=policy.device)
         weights = saved.ema if (use_ema and saved.ema is not None) else saved.trainable
         policy.load_trainable_state_dict(weights)

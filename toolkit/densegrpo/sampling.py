@@ -6,7 +6,7 @@ from pathlib import Path
 
 from densegrpo.errors import UserError
 from densegrpo.evaluate import generate
-from densegrpo.images import make_grid, save_png
+from densegrpo.images import check_output_file, make_grid, save_png
 
 
 def sample_from_cli(
@@ -23,6 +23,7 @@ def sample_from_cli(
 
     if not prompts:
         raise UserError("no prompt given; pass at least one --prompt TEXT")
+    check_output_file(out)
     if policy_name is not None:
         overrides = [f"policy.name={policy_name}", *overrides]
     config, run_dir = config_or_run(target, overrides)

@@ -19,6 +19,8 @@ def parse_metadata(text: str | None, count: int) -> list[dict[str, Any] | None]:
     if text is None:
         return [None] * count
     path = Path(text)
+    if path.suffix in {".json", ".jsonl"} and not path.is_file():
+        raise UserError(f"--metadata file '{path}' does not exist; check the path, or pass the JSON itself")
     try:
         if path.suffix in {".json", ".jsonl"} and path.is_file():
             raw = path.read_text(encoding="utf-8")
@@ -35,10 +37,10 @@ def parse_metadata(text: str | None, count: int) -> list[dict[str, Any] | None]:
 
 
 def score_from_cli(images: list[Path], reward: str, prompts: list[str], metadata: str | None, options: list[str]) -> list[dict[str, Any]]:
+    if not prompts:
+        raise UserError(f"no --prompt given; pass one --prompt for all images or one per image ({len(images)})")
     if len(prompts) not in {1, len(images)}:
         raise UserError(f"give one --prompt for all images or one per image ({len(images)}), not {len(prompts)}")
-    if not prompts:
-        prompts = [""]
     if len(prompts) == 1:
         prompts = prompts * len(images)
     config: dict[str, Any] = {}

@@ -5,6 +5,7 @@ books: calibration, evaluation, sample grids, metrics, TensorBoard, checkpoints,
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -13,6 +14,7 @@ from typing import Any, ContextManager
 
 import torch
 
+from densegrpo import checkpoint as ckpt
 from densegrpo import config as cfg
 from densegrpo.batches import TRAIN_STREAM, Batch, PromptBatches, prompt_metadata
 from densegrpo.build import Components, build, conformed
@@ -22,6 +24,7 @@ from densegrpo.errors import UserError
 from densegrpo.evaluate import load_prompt_records
 from densegrpo.grpo import IterationResult, Learner, iteration, local_minibatch
 from densegrpo.noise import generator_for
+from densegrpo.preemption import Preempted, Preemption
 from densegrpo.reward_scorer import RewardScorer
 from densegrpo.rewarding import num_trained_steps, plan_scoring
 from densegrpo.runs import default_run_dir, load_run_config, save_run_config, writer_lock
@@ -38,6 +41,8 @@ class Run:
         parts: the built components; ``learner``: what :func:`~densegrpo.grpo.iteration` updates.
         train_records, test_records: the prompt sets; ``batches`` draws from the training set.
         iteration: iterations done (the next one's index).
+        checkpointed: the ``iteration`` of the newest checkpoint this process wrote or loaded,
+            or ``None``.
         totals: running sums: ``wall_s`` (training compute: calibration, rollouts, rewards and
             updates, without evaluation or pictures, so budgets compare methods fairly),
             ``elapsed_s`` (everything) and the NFE counts of :data:`NFE_KEYS`.
@@ -49,14 +54,17 @@ class Run:
         self.config = config
         self.run_dir = Path(run_dir)
         self.world = world or World()
-        torch.manual_seed(config.seed)
-        self.parts = conformed(components) if components is not None else build(config)
-        self.parts.calibrator.limit_noise_level(*self.parts.sampler.noise_level_range)
-        self.policy = self.parts.policy
+        # Prompts and component names are checked before any weights load (minutes for SD3).
         self.train_records = load_prompt_records(config.prompts.train)
         self.test_records = load_prompt_records(config.prompts.test)
         if not self.train_records:
             raise UserError(f"no training prompts in '{config.prompts.train}'; point prompts.train at a non-empty file")
+        if components is None:
+            cfg.validate_components(config)
+        torch.manual_seed(config.seed)
+        self.parts = conformed(components) if components is not None else build(config)
+        self.parts.calibrator.limit_noise_level(*self.parts.sampler.noise_level_range)
+        self.policy = self.parts.policy
         t = config.train
         sigmas = make_sigmas(config.sampling.num_steps, config.sampling.shift)
         # DDP/FSDP before the optimizer: FSDP replaces the parameters by sharded ones.
@@ -73,6 +81,7 @@ class Run:
         needs = self.parts.advantage.needs
         self.plans = {calibrating: plan_scoring(needs, calibrating) for calibrating in (False, True)}
         self.iteration = 0
+        self.checkpointed: int | None = None
         self.totals: dict[str, float] = {"wall_s": 0.0, "elapsed_s": 0.0, **{key: 0 for key in NFE_KEYS}}
         self.result: IterationResult | None = None
         self.warned_zero_noise = False
@@ -168,6 +177,9 @@ def run_training(config: cfg.RunConfig, run_dir: Path, resume: bool = False, com
 
     ``hooks`` are added to the configured ones (``config.hooks``), in order, before the
     built-in hooks that write metrics and checkpoints (see :func:`densegrpo.hooks.run_hooks`).
+
+    A SIGTERM or SIGINT ends the iteration under way, writes a checkpoint and raises
+    :class:`~densegrpo.preemption.Preempted` (see :mod:`densegrpo.preemption`).
     """
     world = init_world()
     try:
@@ -193,15 +205,27 @@ def _train(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, com
         if world.is_main:  # after the checkpoint loaded: a resume that fails leaves the folder as it was
             save_run_config(run_dir, config)
         hooks = run_hooks(config, extra_hooks)
-        for hook in hooks:
-            hook.before_training(run)
-        while not run.finished:
-            record = train_step(run)
+        # From here on SIGTERM/SIGINT end the iteration under way, checkpoint and stop.
+        with Preemption(run_dir) as preemption:
             for hook in hooks:
-                hook.after_iteration(run, record)
-        summary: dict[str, Any] = {"run_dir": str(run_dir), "iterations": run.iteration, **run.totals}
-        for hook in hooks:
-            hook.after_training(run, summary)
+                hook.before_training(run)
+            while not run.finished and not preemption.requested(world):
+                record = train_step(run)
+                for hook in hooks:
+                    hook.after_iteration(run, record)
+            stopped = preemption.received if not run.finished else None
+            written = stopped is not None and bool(run.iteration) and run.checkpointed != run.iteration
+            if written:
+                checkpoints.save_checkpoint(run)
+                world.barrier()
+            summary: dict[str, Any] = {"run_dir": str(run_dir), "iterations": run.iteration, **run.totals}
+            if stopped is not None:
+                summary["stopped_by"] = signal.Signals(stopped).name
+            for hook in hooks:  # also on a stop: summary, curves, progress bar and TensorBoard are closed off
+                hook.after_training(run, summary)
+    if stopped is not None:
+        folder = ckpt.folder_for(run_dir, run.iteration) if run.iteration else None
+        raise Preempted(stopped, run_dir, run.iteration, config.iterations, folder, written, summary)
     return summary
 
 

@@ -6,7 +6,9 @@ inherit). The run calls, for every hook in order:
 * ``before_training(run)`` once, after a resume has restored the checkpoint;
 * ``after_iteration(run, record)`` after each iteration, with its metrics ``record`` (a dict
   a hook may add keys to; ``run.result`` holds the iteration's scores);
-* ``after_training(run, summary)`` once, with the run's ``summary`` dict (a hook may add keys).
+* ``after_training(run, summary)`` once, with the run's ``summary`` dict (a hook may add keys);
+  also when a signal stops the run early (:mod:`densegrpo.preemption`), with
+  ``summary["stopped_by"]`` naming the signal.
 
 The order is: calibration, evaluation, sample grids, then the hooks a user adds (``hooks:``
 in the config, or ``run_training(..., hooks=[...])``), then metrics, TensorBoard,
@@ -38,7 +40,8 @@ class Hook(Protocol):
         ...
 
     def after_training(self, run: "Run", summary: dict[str, Any]) -> None:
-        """Once, after the last iteration."""
+        """Once, after the last iteration of this process (also after a stop by a signal:
+        ``summary["stopped_by"]`` then names it)."""
         ...
 
 

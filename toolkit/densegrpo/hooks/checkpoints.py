@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 def save_checkpoint(run: "Run") -> None:
     """Rank 0 writes the checkpoint; with sharded weights (FSDP) every rank first helps gather them."""
+    run.checkpointed = run.iteration
     if not run.shares_rank0_work:
         return
     parallel = run.learner.parallel
@@ -52,6 +53,7 @@ def apply(run: "Run", saved: ckpt.Checkpoint) -> None:
     if saved.ema is not None and run.ema is not None:
         run.ema.load(saved.ema)
     run.iteration = int(saved.state["iteration"])
+    run.checkpointed = run.iteration
     run.totals.update(saved.state.get("totals", {}))
     run.resumed_from(run.totals["elapsed_s"])
     if saved.state.get("calibrator") is not None:

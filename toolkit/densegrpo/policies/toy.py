@@ -24,9 +24,10 @@ rectified-flow loss on the toy scenes.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -96,6 +97,21 @@ def _tokenizer(max_length: int):
     return clip_tokenizer(model_max_length=max_length)
 
 
+@contextmanager
+def quiet_transformers_loading() -> Iterator[None]:
+    """No "Loading weights" bar from transformers: the toy's text encoder loads in milliseconds,
+    and the bar would be a second line under a command's one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def build_toy_modules(weights: str = "pretrained", folder: str | Path | None = None, seed: int = 0,
                       resolution: int = TOY_RESOLUTION):
     """``(unet, text_encoder)``: the shipped weights for ``resolution``, a local folder, or random init.
@@ -122,8 +138,9 @@ def build_toy_modules(weights: str = "pretrained", folder: str | Path | None = N
     text_root = root if (root / "text_encoder" / "config.json").exists() else packaged_weights()
     unet = hub_load(UNet2DConditionModel.from_pretrained, "toy UNet", str(root),
                     subfolder="unet", local_files_only=True, torch_dtype=torch.float32)
-    text_encoder = hub_load(CLIPTextModelWithProjection.from_pretrained, "toy text encoder", str(text_root),
-                            subfolder="text_encoder", local_files_only=True, dtype=torch.float32)
+    with quiet_transformers_loading():
+        text_encoder = hub_load(CLIPTextModelWithProjection.from_pretrained, "toy text encoder", str(text_root),
+                                subfolder="text_encoder", local_files_only=True, dtype=torch.float32)
     return unet, text_encoder
 
 

@@ -161,7 +161,7 @@ def _read_jsonl(text: str, source: str) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UserError(f"{source} line {number} is not valid JSON ({error.msg}); fix that line") from None
+            raise UserError(f"{source} line {number} is not valid JSON ({error.msg} column {error.colno}); fix that line") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise UserError(f"{source} line {number} needs a 'prompt' string, as in GenEval's metadata format")
         rows.append(row)
@@ -182,12 +182,20 @@ def load_prompts(name_or_path: str | Path) -> list[dict[str, Any]]:
         text = resources.files("densegrpo.toy").joinpath("data", BUILTIN[name]).read_text(encoding="utf-8")
         return _read_jsonl(text, name)
     path = Path(name)
+    if path.is_dir():
+        raise UserError(f"prompt set '{name}' is a folder; point it at a .jsonl metadata file or a text file with one prompt per line")
     if not path.is_file():
         raise UserError(
             f"prompt set '{name}' is neither a file nor a built-in set; use one of "
             f"{', '.join(BUILTIN)}, a .jsonl metadata file or a text file with one prompt per line"
         )
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"prompt file '{path}' is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                        f"{error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise UserError(f"cannot read prompt file '{path}': {error.strerror or error}") from None
     if path.suffix == ".jsonl":
         return _read_jsonl(text, str(path))
     return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
