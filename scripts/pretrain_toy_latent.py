@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -101,11 +102,15 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         model = ToyAutoencoder.from_pretrained(args.init).train()
     else:
         model = ToyAutoencoder(latent_channels=args.latent_channels).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    if args.decoder_only:  # the latents stay those a flow model may already be training on
+        model.encoder.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
     start, step = time.time(), 0
     while time.time() - start < args.minutes * 60 and step < args.steps:
-        lr = args.lr * min(1.0, (step + 1) / 200)
+        # warm-up, then cosine decay over the wall-clock budget: the last steps sharpen edges
+        progress = (time.time() - start) / (args.minutes * 60)
+        lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
         images = pool.sample(torch.randint(0, len(metadata), (args.batch,), generator=generator), generator)
@@ -115,18 +120,22 @@ def train_autoencoder(args: argparse.Namespace) -> None:
         loss = reconstruction + args.latent_penalty * (z**2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # without it a spike once undid 1000 steps
         optimizer.step()
         step += 1
         if step % args.refresh_every == 0:
             pool.refresh_column()
+        if step % args.checkpoint_every == 0:
+            model.save_pretrained(out / f"step_{step:06d}", safe_serialization=True)
         if step % 100 == 0:
             print(json.dumps({"step": step, "mse": round(reconstruction.item(), 5), "z_rms": round(z.pow(2).mean().sqrt().item(), 3),
                               "minutes": round((time.time() - start) / 60, 2)}), flush=True)
     model.eval()
-    with torch.no_grad():
-        images = pool.sample(torch.randint(0, len(metadata), (4096,), generator=generator), generator)
-        z = model.encode(images)
-    model.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
+    if not args.decoder_only:
+        with torch.no_grad():
+            images = pool.sample(torch.randint(0, len(metadata), (4096,), generator=generator), generator)
+            z = model.encode(images)
+        model.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1 / z.std()))
     report = agreement(model, metadata, seed=args.seed + 1)
     print(json.dumps({"final_step": step, **report}), flush=True)
     model.save_pretrained(out / "final", safe_serialization=True)
@@ -260,6 +269,9 @@ def main() -> None:
     ae.add_argument("--latent-channels", type=int, default=4)
     ae.add_argument("--latent-noise", type=float, default=0.05)
     ae.add_argument("--latent-penalty", type=float, default=1e-3)
+    ae.add_argument("--checkpoint-every", type=int, default=500)
+    ae.add_argument("--decoder-only", action="store_true",
+                    help="train the decoder alone (with --init): the encoder, its latents and their scale stay as they are")
     ae.add_argument("--init", default=None, help="continue from this autoencoder folder (e.g. a previous run's final/)")
     flow = sub.choices["flow"]
     flow.add_argument("--ae", required=True, help="autoencoder folder written by the ae stage")

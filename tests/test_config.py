@@ -10,7 +10,8 @@ from densegrpo.errors import ConfigError
 
 def test_defaults_describe_the_toy_dense_run():
     run = cfg.default_config()
-    assert run.policy.name == "toy" and run.policy.config == {"resolution": 16}
+    assert run.policy.name == "toy-latent" and run.policy.config == {}
+    assert run.prompts.train == "toy-train" and run.prompts.test == "toy-test"
     assert run.advantage.name == "dense"
     assert run.calibrator.name == "reward-aware"
     assert [r.name for r in run.rewards] == ["toy-geneval"]

@@ -166,7 +166,7 @@ def test_unknown_resolution_is_refused():
 def test_partial_lora_override_keeps_the_toy_rank():
     from densegrpo import config as cfg
 
-    resolved = cfg.resolve(None, ["policy.config.lora.target_modules=[attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0]"])
+    resolved = cfg.resolve(None, ["policy.name=toy", "policy.config.lora.target_modules=[attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0]"])
     policy = ToyPolicy(ToyPolicy.Config(**resolved.policy.config, weights="random"))
     assert policy.config.lora.rank == 8 and policy.config.lora.alpha == 16.0
     # rank 8 on the 14 cross-attention blocks' q/k/v/out: A (8 x in) + B (out x 8) each

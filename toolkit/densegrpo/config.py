@@ -49,8 +49,8 @@ class PromptConfig(BaseModel):
 
     model_config = STRICT
     train: str = Field(
-        "toy-train-focus",
-        description="Training prompts (the toy run: the 8 prompts of toy-train-focus): 'toy-train', 'toy-train-focus', "
+        "toy-train",
+        description="Training prompts (the toy run: all 234 of toy-train): 'toy-train', 'toy-train-focus', "
         "'toy-test' or a path to a GenEval-format JSONL "
         "(one {'prompt', 'tag', 'include', ...} object per line) or a plain text file (one prompt per line).",
     )
@@ -163,8 +163,8 @@ class RunConfig(BaseModel):
     checkpoint_every: int = Field(10, ge=0, description="Write a checkpoint every K iterations (0: only at the end).")
     device: str = Field("cpu", description="Torch device for the policy, e.g. 'cpu' or 'cuda'.")
     policy: ComponentSpec = Field(
-        default_factory=lambda: ComponentSpec(name="toy", config={"resolution": 16}),
-        description="The flow-matching model being aligned (the toy run: the 16 x 16 toy policy).",
+        default_factory=lambda: ComponentSpec(name="toy-latent"),
+        description="The flow-matching model being aligned (the toy run: the latent toy, a (4, 4, 4) latent decoded to 32 px).",
     )
     sampler: ComponentSpec = Field(
         default_factory=lambda: ComponentSpec(name="flow-sde"), description="The stochastic sampler used for rollouts."
