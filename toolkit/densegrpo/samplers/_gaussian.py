@@ -139,6 +139,16 @@ def block_log_prob(x_next: Tensor, mean: Tensor, std: float, block: int) -> Tens
     return square * (-0.5 / std**2) - (math.log(std) + LOG_SQRT_2PI)
 
 
+def block_expected_log_ratio(mean: Tensor, old_mean: Tensor, step_std: float, block: int) -> Tensor:
+    """``E[log p_theta - log p_old]`` over the old step's draws when the noise is ``step_std * P eps``
+    (:func:`block_log_prob`'s density) -> ``(N,)``: ``-mean_d((U^T (mean - old_mean))^2) / (2 s^2)``
+    over the ``d`` subspace coordinates. The part of the mean's move outside ``range(P)`` does not
+    enter the log-prob, so it does not enter this either; ``block = 1`` is the isotropic form
+    (:func:`densegrpo.ratio_norm.gaussian_expected_log_ratio`). RatioNorm subtracts it."""
+    coordinates = block_coordinates(mean.float() - old_mean.float(), block)
+    return coordinates.square().flatten(1).mean(dim=1) * (-0.5 / step_std**2)
+
+
 def block_flow_sde_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_level: float,
                         cap: float, block: int = 1) -> Tensor:
     """Flow-SDE mean for noise confined to the block-constant subspace:
@@ -301,6 +311,7 @@ def gaussian_step_log_prob(
 
 __all__ = [
     "block_coordinates",
+    "block_expected_log_ratio",
     "block_flow_sde_mean",
     "block_log_prob",
     "block_spread",
