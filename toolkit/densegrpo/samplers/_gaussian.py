@@ -83,6 +83,23 @@ def flow_sde_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_l
     return torch.add(x * (1.0 + drift * dt), v, alpha=(1.0 + drift * (1.0 - sigma)) * dt)
 
 
+def dance_sde_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_level: float,
+                   cap: float) -> Tensor:
+    """DanceGRPO's SDE mean with a constant noise coefficient ``eta = noise_level``:
+    ``x + [v + eta^2 / (2 sigma) * (x + (1 - sigma) v)] * dt``, the Flow-SDE mean with ``std_t = eta``
+    (expanded like :func:`flow_sde_mean`); ``cap`` is unused, since ``std_t`` never divides by ``1 - sigma``.
+
+    DanceGRPO writes it with the score of the rectified-flow marginal,
+    ``score = -(x - (1 - sigma) x0_hat) / sigma^2``, ``x0_hat = x - sigma v``:
+    ``mean = x + v dt - eta^2 / 2 * score * dt`` (XueZeyue/DanceGRPO fastvideo/train_grpo_flux.py,
+    ``flux_step``, lines 141-153), and ``x - (1 - sigma) x0_hat = sigma (x + (1 - sigma) v)``.
+    """
+    del cap
+    dt = sigma_next - sigma
+    drift = noise_level**2 / (2.0 * sigma)
+    return torch.add(x * (1.0 + drift * dt), v, alpha=(1.0 + drift * (1.0 - sigma)) * dt)
+
+
 def cps_std(sigma_next: float, noise_level: float) -> float:
     """Coefficient-preserving sampling: ``std_t = sigma_next * sin(a * pi / 2)``."""
     return sigma_next * math.sin(noise_level * (math.pi / 2.0))
@@ -318,6 +335,7 @@ __all__ = [
     "check_grid",
     "cps_mean",
     "cps_std",
+    "dance_sde_mean",
     "draw_step_noise",
     "euler_mean",
     "flow_sde_mean",
