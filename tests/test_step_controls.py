@@ -267,3 +267,15 @@ def test_config_show_describe_lists_every_option_with_its_help_text():
         assert " ".join(TrainConfig.model_fields[name].description.split()) in " ".join(flat.split())
     assert "train_sd3_GRPO_Guard.py" in TrainConfig.model_fields["ratio_norm"].description
     assert "TempFlow" in TrainConfig.model_fields["step_weighting"].description
+
+
+def test_the_cli_prints_the_described_config(capsys):
+    from densegrpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["config", "show", "--describe", "--set", "train.step_weighting=tempflow"])
+        raise SystemExit(0)
+    assert (exit_info.value.code or 0) == 0
+    out = capsys.readouterr().out
+    assert "  # GRPO-Guard's RatioNorm" in out and "  step_weighting: tempflow" in out
+    assert yaml.safe_load(out)["train"]["step_weighting"] == "tempflow"
