@@ -70,6 +70,10 @@ def test_component_has_every_required_member_and_typed_optional_ones(kind, name)
     if kind == "samplers":
         low, high = component.noise_level_range
         assert isinstance(low, float) and isinstance(high, float) and 0.0 <= low <= high
+        # RatioNorm's centring (train.ratio_norm): per sample, zero for an unmoved mean, below zero for a moved one
+        moved = component.expected_log_ratio(torch.full((2, 3, 4, 4), 0.1), torch.zeros(2, 3, 4, 4), 0.5)
+        unmoved = component.expected_log_ratio(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), 0.5)
+        assert moved.shape == (2,) and bool((moved < 0).all()) and bool((unmoved == 0).all())
     if kind == "advantages":
         assert isinstance(component.needs, RewardNeeds) and isinstance(component.last_stats, dict)
     if kind == "policies":

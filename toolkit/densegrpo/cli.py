@@ -140,11 +140,15 @@ def config_show(
     config: Optional[Path] = typer.Argument(None, help="A .yaml or .toml run config; omit for the default toy run."),
     overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+    describe: bool = typer.Option(False, "--describe", help="Write each option's description as a YAML comment above it."),
 ) -> None:
     """Print the resolved configuration (defaults, file, then --set overrides)."""
     from densegrpo import config as cfg
 
     resolved = cfg.resolve(config, overrides)
+    if describe and not as_json:
+        typer.echo(cfg.describe(resolved), nl=False)
+        return
     typer.echo(cfg.dump(resolved, "json" if as_json else "yaml"))
 
 

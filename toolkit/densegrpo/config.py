@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,12 +101,39 @@ class TrainConfig(BaseModel):
         "at every step, as Flow-GRPO's scripts/train_sd3.py (it filters the samples whose advantages are all zero); a "
         "minibatch left with no sample makes no optimizer step. Logged as zero_advantage_dropped (share of the batch).",
     )
+    ratio_norm: bool = Field(
+        False,
+        description="GRPO-Guard's RatioNorm (arXiv 2510.22319; method.md section 2, per-step controls): clip the ratio "
+        "exp(s (log p_theta - log p_old - E_old[log p_theta - log p_old])) in place of exp(log p_theta - log p_old), "
+        "s the step's transition std and E_old[...] = -mean((mean_theta - mean_old)^2) / (2 s^2) the ratio's "
+        "closed-form mean under the rollout, so every step's ratio is centred on 1 with a spread that does not grow as "
+        "the noise shrinks (Flow-GRPO's scripts/train_sd3_GRPO_Guard.py lines 915-919). Its ratios are about s times "
+        "narrower: GRPO-Guard's configs clip at 2e-6 (OCR) and 4e-6 (PickScore) (config/grpo_guard.py lines 76, 124).",
+    )
+    step_weighting: Literal["none", "grpo-guard", "tempflow"] = Field(
+        "none",
+        description="Weight w_k of each step's policy loss (the KL term keeps weight 1; method.md section 2, per-step "
+        "controls). 'none': 1 (Flow-GRPO, DenseGRPO). 'grpo-guard': 1 / (-dt_k), GRPO-Guard's gradient reweighting "
+        "(scripts/train_sd3_GRPO_Guard.py lines 931-932), meant with ratio_norm: true; 3.7 to 25 on the 9 trained of 10 steps "
+        "with shift 3, so the loss grows: GRPO-Guard trains at lr 1e-4 (config/grpo_guard.py lines 78, 126). 'tempflow': step_std_k / mean over the trained steps of "
+        "step_std, TempFlow-GRPO's noise-aware weighting (arXiv 2508.04324, its scripts/train_sd3_pr.py: 2.25 * "
+        "std_dev_t * the PPO terms), normalised to mean 1.",
+    )
     advantage_clip: float = Field(5.0, gt=0, description="Advantages are clipped to +-this value (paper: 5).")
     timestep_fraction: float = Field(
         0.99, gt=0, le=1, description="Share of steps trained; the last step is dropped at 0.99 (9 of 10, as Flow-GRPO)."
     )
     inner_epochs: int = Field(1, ge=1, description="Optimisation passes over each batch of rollouts.")
-    minibatch_size: int = Field(0, ge=0, description="Samples per backward pass; 0 means the whole batch at once.")
+    minibatch_size: int = Field(
+        0,
+        ge=0,
+        description="Samples of the global batch per optimizer step (0: the whole batch, one step per inner epoch). "
+        "Each inner epoch walks the batch in order in ceil(N / minibatch_size) minibatches (the last one smaller when "
+        "it does not divide N) and makes one optimizer step per minibatch, on the mean of its samples' losses over "
+        "their trained steps (gradient accumulation over the steps; a minibatch whose samples were all dropped makes "
+        "no step). So inner_epochs * ceil(N / minibatch_size) optimizer steps per iteration. Flow-GRPO's 2 steps per "
+        "epoch (config/grpo.py: gradient_accumulation_steps = num_batches_per_epoch // 2) is N / 2, 576 of 1152.",
+    )
     learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate (paper: 3e-4 for SD3.5-M; the toy run's short budget uses 3e-3).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (paper: 1e-4).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
@@ -351,3 +379,26 @@ def dump(config: RunConfig, fmt: Literal["yaml", "json"] = "yaml") -> str:
     if fmt == "json":
         return json.dumps(data, indent=2)
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def describe(config: RunConfig, width: int = 100) -> str:
+    """:func:`dump`'s YAML with every field's description as a comment above it
+    (``densegrpo config show --describe``); it loads to the same mapping."""
+    return "\n".join(_described_lines(config, indent="", width=width)) + "\n"
+
+
+def _described_lines(model: BaseModel, indent: str, width: int) -> list[str]:
+    lines: list[str] = []
+    data = model.model_dump(mode="json")
+    for name, info in type(model).model_fields.items():
+        if info.description:
+            lines += textwrap.wrap(info.description, width=width, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ",
+                               break_on_hyphens=False)
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            lines.append(f"{indent}{name}:")
+            lines += _described_lines(value, indent + "  ", width)
+        else:
+            block = yaml.safe_dump({name: data[name]}, sort_keys=False).rstrip("\n").splitlines()
+            lines += [indent + line for line in block]
+    return lines

@@ -23,8 +23,10 @@ from densegrpo.config import TrainConfig
 from densegrpo.distributed import DataParallel, World
 from densegrpo.errors import UserError
 from densegrpo.protocols import AdvantageEstimator, DenseRewards, Policy, Sampler, Trajectory
+from densegrpo.ratio_norm import normalized_log_ratio
 from densegrpo.reward_scorer import RewardScorer
 from densegrpo.rewarding import Scores, ScoringPlan, num_trained_steps, score, trained_step_mask
+from densegrpo.step_weighting import step_weights
 
 
 @dataclass
@@ -149,10 +151,12 @@ def rows_mean(values: Tensor, use: Tensor) -> Tensor:
     return values[use].mean() if bool(use.any()) else 0.0 * values.sum()
 
 
-def step_loss(policy: Policy, sampler: Sampler, part: Trajectory, k: int, A: Tensor, use: Tensor, train: TrainConfig) -> StepLoss:
+def step_loss(policy: Policy, sampler: Sampler, part: Trajectory, k: int, A: Tensor, use: Tensor, train: TrainConfig,
+              step_weight: float = 1.0) -> StepLoss:
     """Step ``k``'s clipped surrogate plus KL (method.md section 2) on the rows of ``part``.
 
     ``A (n,)`` are the rows' advantages at step ``k``; ``use (n,)`` marks the rows trained at ``k``.
+    ``step_weight`` is the step's ``w_k`` on the policy term (:func:`densegrpo.step_weighting.step_weights`).
     With no row in ``use`` the loss is a zero that still depends on the weights, so a rank whose
     rows were all dropped runs the same forward and backward passes as the others (DDP, FSDP).
     """
@@ -163,11 +167,19 @@ def step_loss(policy: Policy, sampler: Sampler, part: Trajectory, k: int, A: Ten
         old_log_prob = part.log_probs[:, k]
         A = A.to(log_prob.device)
         # ratio = exp(log p_theta - log p_old)
-        ratio = torch.exp(log_prob - old_log_prob)
-        # L_clip = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
+        log_ratio = log_prob - old_log_prob
+        if train.ratio_norm:
+            # GRPO-Guard's RatioNorm: s (log r - E_old[log r]), centred on 0, its spread free of the noise level
+            step_std = float(part.step_std[k])
+            expected = sampler.expected_log_ratio(mean, part.means[:, k], step_std)
+            log_ratio = normalized_log_ratio(log_ratio, expected, step_std)
+        ratio = torch.exp(log_ratio)
+        # L_clip = w_k * mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
         unclipped = -A * ratio
         clipped = -A * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
         policy_loss = rows_mean(torch.maximum(unclipped, clipped), use)
+        if step_weight != 1.0:
+            policy_loss = step_weight * policy_loss
         # L_kl = (mean_theta - mean_ref)^2 / (2 s^2) to the base model; s = std_t (Flow-GRPO) or
         # s = std_t sqrt(-dt), the closed-form KL of the Gaussian transitions (train.kl)
         if beta > 0:
@@ -223,9 +235,11 @@ def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor, droppe
     they are clipped by norm and AdamW steps. ``dropped (N,)`` bool over the global batch
     (``None``: none) marks samples left out of the loss (``train.drop_zero_advantage``): a
     minibatch runs on its kept rows only (:func:`kept_rows`), and one without any makes no step.
+    Step ``k``'s policy term is weighted by its ``w_k`` of ``train.step_weighting`` (1 by default).
     """
     train, parallel, policy = learner.train, learner.parallel, learner.policy
     mask = trained_step_mask(traj, train.timestep_fraction)
+    weights = step_weights(traj.sigmas, traj.step_std, mask.any(dim=0), train.step_weighting).tolist()
     n, world = traj.num_samples, parallel.world
     minibatch = local_minibatch(train.minibatch_size, n, world.world_size)
     kept = None if dropped is None else ~dropped.cpu().reshape(world.world_size, n)
@@ -244,7 +258,7 @@ def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor, droppe
             for k in steps:
                 use = part_mask[:, k] if weight > 0 else torch.zeros_like(part_mask[:, k])
                 with parallel.gradient_sync(k == steps[-1]):
-                    term = step_loss(policy, learner.sampler, part, k, advantages[used, k], use, train)
+                    term = step_loss(policy, learner.sampler, part, k, advantages[used, k], use, train, weights[k])
                     loss = term.loss if weight == 1.0 else term.loss * weight
                     (loss / len(steps)).backward()
                 losses.append(term)

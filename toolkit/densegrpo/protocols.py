@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from densegrpo.kinds import KINDS
+from densegrpo.ratio_norm import gaussian_expected_log_ratio
 
 
 @dataclass
@@ -308,6 +309,16 @@ class Sampler(Protocol):
     Optional (see :data:`OPTIONAL_MEMBERS`): ``noise_level_range: tuple[float, float]``, the
     closed range ``(low, high)`` of noise levels ``rollout`` accepts (cps: ``(0.0, 1.0)``);
     the run clamps the calibrator to it. Default: ``(0.0, inf)``.
+
+    Optional, for GRPO-Guard's RatioNorm (``train.ratio_norm``, :mod:`densegrpo.ratio_norm`)::
+
+        def expected_log_ratio(self, mean: Tensor, old_mean: Tensor, step_std: float) -> Tensor
+
+    ``E[log p_theta(x' | x) - log p_old(x' | x)]`` over the old transition's draws ``x'``, for a
+    step whose mean moved from ``old_mean (N,C,h,w)`` (the rollout's) to ``mean (N,C,h,w)`` (the
+    current weights') with transition std ``step_std``, averaged like ``log_probs`` -> ``(N,)``.
+    Default: the isotropic Gaussian's ``-mean((mean - old_mean)^2) / (2 step_std^2)``; a sampler
+    whose noise lives in a subspace (coarse-sde) gives the subspace's.
     """
 
     def rollout(
@@ -428,6 +439,10 @@ OPTIONAL_MEMBERS: dict[str, tuple[OptionalMember, ...]] = {
     "samplers": (
         OptionalMember("noise_level_range", lambda c: (0.0, math.inf), "tuple[float, float]: the closed range of "
                        "noise levels rollout accepts; the run clamps the calibrator to it; default: (0.0, inf)."),
+        OptionalMember("expected_log_ratio", lambda c: gaussian_expected_log_ratio, "expected_log_ratio(mean, old_mean, "
+                       "step_std) -> (N,): the mean log-ratio of a step whose mean moved, under the old transition; "
+                       "RatioNorm (train.ratio_norm) subtracts it; default: the isotropic Gaussian's "
+                       "-mean((mean - old_mean)^2) / (2 step_std^2) (see Sampler)."),
     ),
     "rewards": (),
     "advantages": (

@@ -83,6 +83,23 @@ def flow_sde_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_l
     return torch.add(x * (1.0 + drift * dt), v, alpha=(1.0 + drift * (1.0 - sigma)) * dt)
 
 
+def dance_sde_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_level: float,
+                   cap: float) -> Tensor:
+    """DanceGRPO's SDE mean with a constant noise coefficient ``eta = noise_level``:
+    ``x + [v + eta^2 / (2 sigma) * (x + (1 - sigma) v)] * dt``, the Flow-SDE mean with ``std_t = eta``
+    (expanded like :func:`flow_sde_mean`); ``cap`` is unused, since ``std_t`` never divides by ``1 - sigma``.
+
+    DanceGRPO writes it with the score of the rectified-flow marginal,
+    ``score = -(x - (1 - sigma) x0_hat) / sigma^2``, ``x0_hat = x - sigma v``:
+    ``mean = x + v dt - eta^2 / 2 * score * dt`` (XueZeyue/DanceGRPO fastvideo/train_grpo_flux.py,
+    ``flux_step``, lines 141-153), and ``x - (1 - sigma) x0_hat = sigma (x + (1 - sigma) v)``.
+    """
+    del cap
+    dt = sigma_next - sigma
+    drift = noise_level**2 / (2.0 * sigma)
+    return torch.add(x * (1.0 + drift * dt), v, alpha=(1.0 + drift * (1.0 - sigma)) * dt)
+
+
 def cps_std(sigma_next: float, noise_level: float) -> float:
     """Coefficient-preserving sampling: ``std_t = sigma_next * sin(a * pi / 2)``."""
     return sigma_next * math.sin(noise_level * (math.pi / 2.0))
@@ -137,6 +154,16 @@ def block_log_prob(x_next: Tensor, mean: Tensor, std: float, block: int) -> Tens
     coordinates = block_coordinates(x_next.to(torch.float32) - mean, block)
     square = coordinates.square().flatten(1).mean(dim=1)
     return square * (-0.5 / std**2) - (math.log(std) + LOG_SQRT_2PI)
+
+
+def block_expected_log_ratio(mean: Tensor, old_mean: Tensor, step_std: float, block: int) -> Tensor:
+    """``E[log p_theta - log p_old]`` over the old step's draws when the noise is ``step_std * P eps``
+    (:func:`block_log_prob`'s density) -> ``(N,)``: ``-mean_d((U^T (mean - old_mean))^2) / (2 s^2)``
+    over the ``d`` subspace coordinates. The part of the mean's move outside ``range(P)`` does not
+    enter the log-prob, so it does not enter this either; ``block = 1`` is the isotropic form
+    (:func:`densegrpo.ratio_norm.gaussian_expected_log_ratio`). RatioNorm subtracts it."""
+    coordinates = block_coordinates(mean.float() - old_mean.float(), block)
+    return coordinates.square().flatten(1).mean(dim=1) * (-0.5 / step_std**2)
 
 
 def block_flow_sde_mean(x: Tensor, v: Tensor, sigma: float, sigma_next: float, noise_level: float,
@@ -301,12 +328,14 @@ def gaussian_step_log_prob(
 
 __all__ = [
     "block_coordinates",
+    "block_expected_log_ratio",
     "block_flow_sde_mean",
     "block_log_prob",
     "block_spread",
     "check_grid",
     "cps_mean",
     "cps_std",
+    "dance_sde_mean",
     "draw_step_noise",
     "euler_mean",
     "flow_sde_mean",

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from densegrpo.protocols import Cond, Policy, Trajectory
 from densegrpo.samplers._gaussian import (
+    block_expected_log_ratio,
     block_flow_sde_mean,
     check_grid,
     gaussian_rollout,
@@ -57,6 +58,8 @@ class CoarseSDESampler:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config if config is not None else self.Config()
         self.sde_mean = partial(block_flow_sde_mean, block=self.config.block)
+        # RatioNorm's centring must use the density the log-probs use: the subspace coordinates'
+        self.expected_log_ratio = partial(block_expected_log_ratio, block=self.config.block)
 
     def rollout(
         self,
