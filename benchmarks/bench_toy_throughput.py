@@ -9,7 +9,8 @@ reward only; ``dense``: DenseGRPO with n = t, every step's clean estimate scored
 run from the default config with only the policy and the advantage changed, runs one warm-up
 iteration and then ``--iterations`` timed ones (rollout, rewards, advantages and the update:
 the metrics' ``iteration_s``), and prints samples per second and each arm's ratio to the pixel
-toy's dense rate. The arms run one after the other in one process, so they see the same
+toy's dense rate. Each world runs at its main job's batch (``MAIN_JOB_GROUPS`` groups of 8) unless
+``--groups`` is given. The arms run one after the other in one process, so they see the same
 machine; the ratio is what to read on a shared machine, the absolute rates move from day to day.
 """
 
@@ -26,6 +27,8 @@ WORLDS = {
     "toy-latent": {"policy": {"name": "toy-latent", "config": {}}},
     "toy-16px": {"policy": {"name": "toy", "config": {"resolution": 16}}},
 }
+MAIN_JOB_GROUPS = {"toy-latent": 32, "toy-16px": 8}
+"""Prompt groups (of 8 samples) per iteration in each world's main job: each world runs at the batch it is used with."""
 ADVANTAGES = ("sparse", "dense")
 
 
@@ -49,7 +52,7 @@ def measure(world: str, advantage: str, iterations: int, groups: int, group_size
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per arm (after one warm-up)")
-    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--groups", type=int, default=0, help="prompt groups per iteration (0: each world's main-job batch)")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
@@ -62,7 +65,8 @@ def main() -> None:
     for world in args.worlds:
         for advantage in ADVANTAGES:
             start = time.time()
-            rows.append(measure(world, advantage, args.iterations, args.groups, args.group_size))
+            groups = args.groups or MAIN_JOB_GROUPS[world]
+            rows.append(measure(world, advantage, args.iterations, groups, args.group_size))
             print(json.dumps({**rows[-1], "arm_wall_s": round(time.time() - start, 1)}), flush=True)
     reference = next((r["samples_per_s"] for r in rows if r["world"] == "toy-16px" and r["advantage"] == "dense"), None)
     print(f"\n{'world':<12} {'advantage':<9} {'samples/iter':>12} {'s/iter':>8} {'samples/s':>10} {'vs toy-16px dense':>18}")
