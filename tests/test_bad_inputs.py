@@ -82,7 +82,7 @@ CASES = [
     ("config: a value for a section", ["config", "validate", "section-value.toml"], "train: Input should be a valid dictionary"),
     ("config: out of range", ["config", "validate", "out-of-range.yaml"], "train.group_size: Input should be greater than or equal to 2 (got 1)"),
     ("config: unknown component", ["config", "validate", "unknown-component.yaml"], "unknown advantage 'dens'; did you mean 'dense'"),
-    ("config: fields that disagree", ["config", "show", "--set", "train.minibatch_size=100"], "train.minibatch_size=100 exceeds the batch"),
+    ("config: fields that disagree", ["config", "show", "--set", "train.minibatch_size=300"], "train.minibatch_size=300 exceeds the batch"),
     ("config: negative seed", ["config", "show", "--set", "seed=-1"], "seed: Input should be greater than or equal to 0"),
     ("config: unknown device", train("device=gpu0", out="run-device"), "device 'gpu0' is not a torch device"),
     ("config: a GPU this machine lacks", train("device=cuda:99", out="run-cuda"), "device 'cuda:99': "),

@@ -94,7 +94,7 @@ def test_set_switching_component_name_drops_previous_options():
 
 
 @pytest.mark.parametrize("overrides, fix", [
-    (["train.minibatch_size=65"], "set it to at most 64"),
+    (["train.minibatch_size=257"], "set it to at most 256"),
     (["reward_combine=sum-advantages"], "use reward_combine=sum-rewards"),
 ])
 def test_checks_across_sections_fail_up_front_with_the_fix_and_without_echoing_the_config(overrides, fix):
