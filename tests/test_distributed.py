@@ -172,7 +172,8 @@ def test_two_processes_match_one_process_with_dense_advantages(tmp_path):
 def test_two_processes_match_one_process_when_zero_advantage_samples_are_dropped(tmp_path):
     """One group per rank; groups of even-length prompts tie, so some iterations drop a whole rank's
     rows: that rank runs one unused row (weight 0) and the other's loss weighs 2, as in one process."""
-    tied = [*PER_RANK, "advantage.name=sparse", "rewards.0.name=loop_components:TiedOnEvenPrompts", "iterations=4", "seed=1"]
+    tied = [*PER_RANK, "advantage.name=sparse", "rewards.0.name=loop_components:TiedOnEvenPrompts", "iterations=4", "seed=1",
+            "prompts.train=toy-train-focus"]  # the prompt set the draws below were read from
     _train(tmp_path / "one", tied, 1)
     _train(tmp_path / "two", tied, 2)
     # seed 1 draws: no tied group, rank 1's group tied, both tied (no optimizer step), rank 1's again

@@ -162,8 +162,8 @@ def test_training_prompt_evaluation_scores_the_training_prompts_and_survives_res
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_eval_gain_final"] == evaluated[-1]["train_eval_gain"]
 
-    # one default, in LoggingConfig (the toy main job's 32); 0 turns it off: no train_eval keys anywhere
-    assert cfg.LoggingConfig().train_eval_images_per_prompt == cfg.default_config().logging.train_eval_images_per_prompt == 32
+    # one default, in LoggingConfig (the toy main job's 16); 0 turns it off: no train_eval keys anywhere
+    assert cfg.LoggingConfig().train_eval_images_per_prompt == cfg.default_config().logging.train_eval_images_per_prompt == 16
     plain = tmp_path / "plain"
     run_training(analytic_config(*sets[:-1], "logging.train_eval_images_per_prompt=0", "iterations=2"), plain)
     rows = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
