@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from densegrpo.advantages.dense import DenseAdvantage
+from densegrpo.protocols import Cond
 from densegrpo.testing import GaussianFlowPolicy
 
 
@@ -192,3 +193,51 @@ class PauseHook:
 
     def after_iteration(self, run, record):
         time.sleep(self.config.seconds)
+
+
+class ShiftPolicy(nn.Module):
+    """``v(x, sigma) = theta`` everywhere; the reference model has ``theta = 0``. Records the ``cfg_grad`` of each
+    ``loss_forward()``. Every quantity of the loss is a closed form of ``theta`` (tests/test_recipe_fidelity.py,
+    tests/test_step_controls.py)."""
+
+    def __init__(self, theta: float, shape=(1, 2, 2)):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(float(theta)))
+        self.device = torch.device("cpu")
+        self.latent_shape = shape
+        self._reference = False
+        self.cfg_grads: list[str] = []
+
+    def velocity(self, x, sigma, cond):
+        return torch.zeros_like(x) + (0.0 * self.theta if self._reference else self.theta)
+
+    def encode(self, prompts):
+        return Cond(prompt_embeds=torch.zeros(len(prompts), 1, 1), prompts=list(prompts))
+
+    def trainable_parameters(self):
+        return [self.theta]
+
+    @contextmanager
+    def reference(self):
+        self._reference = True
+        try:
+            yield self
+        finally:
+            self._reference = False
+
+    @contextmanager
+    def loss_forward(self, cfg_grad="conditional"):
+        self.cfg_grads.append(cfg_grad)
+        yield
+
+
+class LinearSampler:
+    """``log_prob = theta * c`` and ``mean = theta * m``, with ``c = latents[:, k]`` and
+    ``m = latents[:, k + 1]`` (scalars per row), ``theta = 0`` in the reference."""
+
+    def log_prob(self, policy, traj, step):
+        theta = 0.0 * policy.theta if policy._reference else policy.theta
+        return theta * traj.latents[:, step].flatten(1)[:, 0], theta * traj.latents[:, step + 1]
+
+    def rollout(self, *args, **kwargs):
+        raise NotImplementedError

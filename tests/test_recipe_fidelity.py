@@ -8,11 +8,9 @@ The fake components below make every quantity of the loss a closed form of one s
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
-from torch import nn
 
 from densegrpo import registry
 from densegrpo.config import TrainConfig
@@ -20,41 +18,9 @@ from densegrpo.distributed import DataParallel, World
 from densegrpo.grpo import Learner, kept_rows, step_loss, untrained_zero_noise_steps, update_policy, zero_advantage_rows
 from densegrpo.protocols import Cond, Trajectory, conform
 
+from loop_components import LinearSampler, ShiftPolicy
+
 GRID = torch.tensor([1.0, 0.75, 0.5, 0.0])  # sigma_cap = 0.75; dt = -0.25, -0.25, -0.5
-
-
-class ShiftPolicy(nn.Module):
-    """``v(x, sigma) = theta`` everywhere; the reference model has ``theta = 0``."""
-
-    def __init__(self, theta: float):
-        super().__init__()
-        self.theta = nn.Parameter(torch.tensor(float(theta)))
-        self.device = torch.device("cpu")
-        self.latent_shape = (1, 2, 2)
-        self._reference = False
-        self.cfg_grads: list[str] = []
-
-    def velocity(self, x, sigma, cond):
-        return torch.zeros_like(x) + (0.0 * self.theta if self._reference else self.theta)
-
-    def encode(self, prompts):
-        return Cond(prompt_embeds=torch.zeros(len(prompts), 1, 1), prompts=list(prompts))
-
-    def trainable_parameters(self):
-        return [self.theta]
-
-    @contextmanager
-    def reference(self):
-        self._reference = True
-        try:
-            yield self
-        finally:
-            self._reference = False
-
-    @contextmanager
-    def loss_forward(self, cfg_grad="conditional"):
-        self.cfg_grads.append(cfg_grad)
-        yield
 
 
 def rollout(sampler_name: str, theta: float = 0.2, level: float = 0.7, n: int = 2, **config) -> tuple[ShiftPolicy, object, Trajectory]:
@@ -146,18 +112,6 @@ def test_defaults_follow_flow_grpo():
 
 
 # ----------------------------------------------------------------------------- 3. zero advantages
-class LinearSampler:
-    """``log_prob = theta * c`` and ``mean = theta * m``, with ``c = latents[:, k]`` and
-    ``m = latents[:, k + 1]`` (scalars per row), ``theta = 0`` in the reference."""
-
-    def log_prob(self, policy, traj, step):
-        theta = 0.0 * policy.theta if policy._reference else policy.theta
-        return theta * traj.latents[:, step].flatten(1)[:, 0], theta * traj.latents[:, step + 1]
-
-    def rollout(self, *args, **kwargs):
-        raise NotImplementedError
-
-
 C = [1.0, 2.0, -1.0]
 M = [0.5, 1.0, 2.0]
 A = [1.0, 0.0, -2.0]  # the middle sample's advantage is zero at its only step

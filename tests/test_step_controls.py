@@ -11,12 +11,10 @@ in every dimension."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from densegrpo import config as cfg
 from densegrpo import registry
@@ -28,41 +26,11 @@ from densegrpo.protocols import Cond, Trajectory, conform
 from densegrpo.ratio_norm import gaussian_expected_log_ratio, normalized_log_ratio
 from densegrpo.step_weighting import step_weights
 
+from loop_components import LinearSampler, ShiftPolicy
+
 GRID = torch.tensor([1.0, 0.75, 0.5, 0.0])
 MEAN_PER_THETA = 1.245 * -0.5  # d mean / d theta at step 2
 STEP_STD = 0.7 * math.sqrt(0.5)
-
-
-class ShiftPolicy(nn.Module):
-    """``v(x, sigma) = theta`` everywhere; the reference model has ``theta = 0``."""
-
-    def __init__(self, theta: float, shape=(1, 2, 2)):
-        super().__init__()
-        self.theta = nn.Parameter(torch.tensor(float(theta)))
-        self.device = torch.device("cpu")
-        self.latent_shape = shape
-        self._reference = False
-
-    def velocity(self, x, sigma, cond):
-        return torch.zeros_like(x) + (0.0 * self.theta if self._reference else self.theta)
-
-    def encode(self, prompts):
-        return Cond(prompt_embeds=torch.zeros(len(prompts), 1, 1), prompts=list(prompts))
-
-    def trainable_parameters(self):
-        return [self.theta]
-
-    @contextmanager
-    def reference(self):
-        self._reference = True
-        try:
-            yield self
-        finally:
-            self._reference = False
-
-    @contextmanager
-    def loss_forward(self, cfg_grad="conditional"):
-        yield
 
 
 def rollout(sampler_name: str = "flow-sde", n: int = 2, shape=(1, 2, 2), **config):
@@ -191,18 +159,6 @@ def test_tempflow_weights_of_a_flow_sde_rollout_follow_its_transition_std():
     weights = step_weights(traj.sigmas, traj.step_std, torch.tensor([True, True, False]), "tempflow")
     s = [0.7 * 2.0 * 0.5, 0.7 * math.sqrt(3.0) * 0.5]  # std_t sqrt(-dt) at steps 0 and 1
     assert weights[:2].tolist() == pytest.approx([s[0] / (sum(s) / 2), s[1] / (sum(s) / 2)], rel=1e-6)
-
-
-class LinearSampler:
-    """``log_prob = theta * c_k`` and ``mean = theta * m_k`` with ``c_k = latents[:, k]``,
-    ``m_k = latents[:, k + 1]``; ``theta = 0`` in the reference."""
-
-    def log_prob(self, policy, traj, step):
-        theta = 0.0 * policy.theta if policy._reference else policy.theta
-        return theta * traj.latents[:, step].flatten(1)[:, 0], theta * traj.latents[:, step + 1]
-
-    def rollout(self, *args, **kwargs):
-        raise NotImplementedError
 
 
 STATES = [[0.5, 1.0, -1.0, 2.0], [1.5, -0.5, 0.25, 1.0]]  # (n = 2, T + 1 = 4)
