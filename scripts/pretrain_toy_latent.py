@@ -37,36 +37,8 @@ from pathlib import Path
 
 import torch
 
-
-def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """SD3's timestep shift ``shift * u / (1 + (shift - 1) u)`` (the sampling grid's map)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
-class ScenePool:
-    """Scenes for the training prompts, stored as uint8, re-rendered one column at a time."""
-
-    def __init__(self, metadata: list[dict], per_prompt: int, seed: int):
-        from densegrpo.toy.scenes import render_batch
-
-        self.render_batch = render_batch
-        self.metadata = metadata
-        self.per_prompt = per_prompt
-        self.images = torch.empty(len(metadata), per_prompt, 3, 32, 32, dtype=torch.uint8)
-        self.seed = seed
-        self.next_column = 0
-        for _ in range(per_prompt):
-            self.refresh_column()
-
-    def refresh_column(self) -> None:
-        images = self.render_batch(self.metadata, seed=self.seed)
-        self.seed += 1
-        self.images[:, self.next_column % self.per_prompt] = (images * 255).round().to(torch.uint8)
-        self.next_column += 1
-
-    def sample(self, prompt_index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        column = torch.randint(0, self.per_prompt, (len(prompt_index),), generator=generator)
-        return self.images[prompt_index, column].float() / 255
+# run as `python scripts/pretrain_toy_latent.py`, so the sibling script imports: one scene pool, one shift map
+from pretrain_toy_policy import ScenePool, shift_sigma
 
 
 def agreement(autoencoder, metadata: list[dict], seed: int, count: int = 1024) -> dict:
