@@ -151,6 +151,12 @@ def _cat_conds(rows: list[Cond]) -> Cond:
 class PromptCache:
     """Encodes each distinct prompt once: the text encoders are frozen, so an encoding never changes.
 
+    Each prompt is encoded on its own, in a batch of one. A batched encoder's float rounding
+    depends on the batch it runs in (matmul blocking, padding), so encoding new prompts
+    together would make a prompt's encoding depend on which other prompts were new at the
+    same time, i.e. on the run's history: a resumed run (empty cache) would then encode
+    differently from the uninterrupted one and drift from it in the last bits.
+
     ``len(cache)`` is the number of prompts held.
     """
 
@@ -170,11 +176,9 @@ class PromptCache:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._rows]
         if negative_prompt is not None and negative_prompt not in self._rows:
             todo.append(negative_prompt)
-        if todo:
-            with torch.no_grad():
-                fresh = self._encode(todo)
-            for i, prompt in enumerate(todo):
-                self._rows[prompt] = fresh.select([i])
+        with torch.no_grad():
+            for prompt in todo:
+                self._rows[prompt] = self._encode([prompt])
         cond = _cat_conds([self._rows[p] for p in prompts])
         if negative_prompt is not None:
             cond.negative = _cat_conds([self._rows[negative_prompt]] * len(prompts))
