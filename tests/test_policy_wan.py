@@ -127,3 +127,58 @@ def test_text_encoder_on_its_own_device_and_wan22_refused():
         WanPolicy(WanPolicy.Config(model=None, height=SIZE, width=SIZE, num_frames=FRAMES), components=components)
     with pytest.raises(UserError, match="num_frames"):
         WanPolicy.tiny_random(seed=0, num_frames=6)
+
+
+class TinyWan(WanPolicy):
+    """``wan`` on tiny random components, for runs through the full trainer (``test_policy_wan:TinyWan``)."""
+
+    class Config(WanPolicy.Config):
+        model: str | None = None
+        height: int = 32
+        width: int = 32
+        num_frames: int = 5
+        max_sequence_length: int = 16
+
+    def __init__(self, config: Config | None = None):
+        super().__init__(config or self.Config(), components=tiny_wan_components(seed=0))
+
+
+@pytest.mark.parametrize("advantage", ["sparse", "dense"])
+def test_two_grpo_iterations_through_the_trainer_with_a_video_reward(tmp_path, monkeypatch, advantage):
+    import json
+    from pathlib import Path
+
+    from densegrpo import config as cfg
+    from densegrpo.train import run_training
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    config = cfg.resolve(None, [
+        "policy.name=test_policy_wan:TinyWan",
+        "policy.config.lora.rank=4",
+        "policy.config.guidance_scale=1.0",
+        "rewards.0.name=video-frames",
+        "rewards.0.config.image_reward.name=toy-clip",
+        "rewards.0.config.frames=3",
+        f"advantage.name={advantage}",
+        "sampling.num_steps=3",
+        "sampling.eval_steps=2",
+        "train.group_size=2",
+        "train.groups_per_iteration=2",
+        "iterations=2",
+        "checkpoint_every=0",
+        "logging.progress=false",
+        "logging.sample_prompts=2",
+        "logging.eval_prompts=2",
+        "calibrator.name=uniform",
+    ])
+    run_training(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all(torch.isfinite(torch.tensor([r["reward_mean"], r["policy_loss"], r["grad_norm"]])).all() for r in rows)
+    assert rows[0]["grad_norm"] > 0 and rows[1]["kl"] > 0  # LoRA moved away from the base (the reference)
+    if advantage == "sparse":
+        assert rows[0]["reward_calls"] == 4 and rows[0]["nfe_dense"] == 0  # one score per video, terminal only
+    else:
+        assert rows[0]["reward_calls"] > 4 and rows[0]["nfe_dense"] > 0  # intermediate states completed and scored
+    assert (tmp_path / "run" / "samples" / "iter-000002.png").exists()  # video sample grid (frame strips)
+    assert (tmp_path / "run" / "checkpoints" / "iter-000002" / "trainable.safetensors").exists()
