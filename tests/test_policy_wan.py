@@ -81,6 +81,7 @@ def test_sde_rollout_with_frame_axis_is_a_valid_trajectory():
 
 def test_lora_trains_reference_is_base_and_saved_lora_loads_into_pipeline(tmp_path):
     policy = WanPolicy.tiny_random(seed=0, guidance_scale=1.0)
+    assert policy.transformer.gradient_checkpointing  # the default, as Flow-GRPO; the values below are unchanged by it
     names = [n for n, p in policy.transformer.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert any(".attn1." in n for n in names) and any(".attn2." in n for n in names)  # self- and cross-attention

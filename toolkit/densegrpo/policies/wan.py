@@ -93,6 +93,10 @@ class WanPolicy(FlowTransformerPolicy):
         num_frames: int = Field(33, ge=1, description="Frames per video; num_frames - 1 must be a multiple of 4 (Flow-GRPO: 33).")
         guidance_scale: float = Field(4.5, ge=0, description="Classifier-free guidance scale; <= 1 disables it (Flow-GRPO: 4.5).")
         max_sequence_length: int = Field(512, ge=1, le=512, description="UMT5 tokens per prompt (Flow-GRPO and WanPipeline: 512).")
+        gradient_checkpointing: bool = Field(
+            True, description="Recompute each transformer block in the backward pass instead of storing its activations "
+            "(Flow-GRPO's train_wan2_1.py enables it): ~7 GB less per 240x416x33 video on the 1.3B model (docs/policies.md), one more forward per backward."
+        )
         text_encoder_device: str | None = Field(
             None, description="Where UMT5 runs, e.g. 'cpu' to keep its ~11 GB (bf16) off the accelerator; None: the policy's device."
         )
@@ -147,6 +151,8 @@ class WanPolicy(FlowTransformerPolicy):
             default_lora_targets=WAN_LORA_TARGETS,
         )
         super().__init__(parts, config)
+        if config.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
         components["text_encoder"].requires_grad_(False).eval()
 
     @classmethod
