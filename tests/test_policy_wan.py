@@ -183,3 +183,20 @@ def test_two_grpo_iterations_through_the_trainer_with_a_video_reward(tmp_path, m
         assert rows[0]["reward_calls"] > 4 and rows[0]["nfe_dense"] > 0  # intermediate states completed and scored
     assert (tmp_path / "run" / "samples" / "iter-000002.png").exists()  # video sample grid (frame strips)
     assert (tmp_path / "run" / "checkpoints" / "iter-000002" / "trainable.safetensors").exists()
+
+
+def test_a_wan22_folder_and_a_missing_folder_are_one_line_errors(tmp_path):
+    import json
+
+    from densegrpo.policies.wan import load_wan_components
+
+    folder = tmp_path / "wan22"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "boundary_ratio": 0.875,
+        "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"],
+    }))
+    with pytest.raises(UserError, match="Wan2.2"):
+        load_wan_components(WanPolicy.Config(model=str(folder)), torch.float32)
+    with pytest.raises(UserError, match="cannot load"):
+        load_wan_components(WanPolicy.Config(model=str(tmp_path / "absent")), torch.float32)
