@@ -263,7 +263,8 @@ class FlowTransformerPolicy:
 
     # ----------------------------------------------------------------- velocity
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """``v_theta(x, sigma, c)`` with CFG: ``x (N,C,h,w)``, ``sigma (N,)`` in [0, 1] -> float32 ``(N,C,h,w)``.
+        """``v_theta(x, sigma, c)`` with CFG: ``x (N, *latent_shape)`` (``(N,C,h,w)``, or ``(N,C,F,h,w)`` for video),
+        ``sigma (N,)`` in [0, 1] -> float32 velocity of ``x``'s shape.
 
         CFG applies when ``guidance_scale > 1`` and ``cond.negative`` is present (see
         :func:`guided_velocity`), except inside :meth:`loss_forward` with
