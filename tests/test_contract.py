@@ -124,16 +124,20 @@ def test_class_has_documented_pydantic_config(kind, name):
 def test_policy_contract(kind, name):
     policy = instance(kind, name)
     assert isinstance(policy, Policy)
-    C, h, w = policy.latent_shape
+    shape = tuple(policy.latent_shape)
+    assert len(shape) in (3, 4), f"latent_shape must be (C, h, w) or (C, F, h, w), got {shape}"
     cond = policy.encode(["a photo of a red circle", "a photo of two squares"])
     assert isinstance(cond, Cond) and len(cond) == 2
-    x = torch.randn(2, C, h, w, device=policy.device)
+    x = torch.randn(2, *shape, device=policy.device)
     sigma = torch.tensor([0.9, 0.3], device=policy.device)
     with torch.no_grad():
         v = policy.velocity(x, sigma, cond)
         images = policy.decode(x)
-    assert v.shape == (2, C, h, w) and v.dtype == torch.float32 and torch.isfinite(v).all()
-    assert images.dtype == torch.float32 and images.shape[:2] == (2, 3) and images.ndim == 4
+    assert v.shape == (2, *shape) and v.dtype == torch.float32 and torch.isfinite(v).all()
+    if len(shape) == 3:  # images (N, 3, H, W)
+        assert images.dtype == torch.float32 and images.shape[:2] == (2, 3) and images.ndim == 4
+    else:  # videos (N, F, 3, H, W)
+        assert images.dtype == torch.float32 and images.ndim == 5 and images.shape[0] == 2 and images.shape[2] == 3
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     params = policy.trainable_parameters()
     assert params and all(p.requires_grad for p in params)

@@ -230,3 +230,24 @@ def test_states_out_of_range_are_refused() -> None:
     traj = rollout(policy)
     with pytest.raises(ValueError, match="step indices"):
         DenseRewardEngine("t")(policy, traj, brightness, [0, T + 1])
+
+
+def test_frame_axis_latents_get_the_dense_rewards_of_the_same_numbers_laid_out_as_an_image() -> None:
+    # Completions are Euler steps and the brightness reward is a mean over every pixel, so a video
+    # policy (C, F, h, w) and the image policy (C, F*h, w) on the same numbers score alike.
+    video = GaussianFlowPolicy(0.7, 0.4, (3, 2, 4, 4), prompt_shifts={"red": 0.5, "blue": -0.3})
+    image = GaussianFlowPolicy(0.7, 0.4, (3, 8, 4), prompt_shifts={"red": 0.5, "blue": -0.3})
+    generator = torch.Generator().manual_seed(0)
+    noise, step_noise = torch.randn(N, 3, 2, 4, 4, generator=generator), torch.randn(N, T, 3, 2, 4, 4, generator=generator)
+    sigmas, level = make_sigmas(T), torch.full((T,), 0.7)
+    with torch.no_grad():
+        traj_video = FlowSDESampler().rollout(video, video.encode(PROMPTS), noise, sigmas, level, step_noise=step_noise)
+        traj_image = FlowSDESampler().rollout(image, image.encode(PROMPTS), noise.reshape(N, 3, 8, 4), sigmas, level,
+                                              step_noise=step_noise.reshape(N, T, 3, 8, 4))
+    assert traj_video.latents.shape == (N, T + 1, 3, 2, 4, 4)
+    with torch.no_grad():
+        dense_video = DenseRewardEngine(completion="t")(video, traj_video, brightness)
+        dense_image = DenseRewardEngine(completion="t")(image, traj_image, brightness)
+    assert video.decode(traj_video.final).shape == (N, 2, 3, 4, 4)
+    assert torch.allclose(dense_video.rewards, dense_image.rewards, atol=1e-6)
+    assert dense_video.nfe == dense_image.nfe > 0

@@ -13,9 +13,9 @@ from densegrpo.errors import ConfigError, DuplicateComponentError, PluginImportE
 from conftest import make_fake_distribution
 
 BUILTINS = {
-    "policies": {"toy", "toy-latent", "sd3", "flux"},
+    "policies": {"toy", "toy-latent", "sd3", "flux", "wan"},
     "samplers": {"ode", "flow-sde", "cps", "sde-window", "coarse-sde"},
-    "rewards": {"toy-geneval", "toy-clip"},
+    "rewards": {"toy-geneval", "toy-clip", "video-frames"},
     "advantages": {"sparse", "dense", "dense-raw", "dense-return"},
     "calibrators": {"uniform", "reward-aware"},
     "hooks": set(),  # the run's own bookkeeping hooks are always on; this group is for added ones

@@ -475,3 +475,26 @@ def test_ratio_is_exactly_one_with_a_diffusers_transformer(name: str) -> None:
             model.zero_grad()
             log_prob.sum().backward()
             assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["ode", "flow-sde", "cps", "dance-sde", "coarse-sde"])
+def test_frame_axis_latents_sample_like_the_same_numbers_laid_out_as_an_image(name: str) -> None:
+    # The step maths is elementwise with per-sample means over every non-batch dim, so a video
+    # latent (N, C, F, h, w) must give exactly the trajectory of the image (N, C, F*h, w)
+    # holding the same numbers; the policy is the same analytic Gaussian in both layouts.
+    sampler = registry.load("samplers", name)
+    video = GaussianFlowPolicy(mean=0.3, std=0.5, latent_shape=(3, 2, 4, 4))
+    image = GaussianFlowPolicy(mean=0.3, std=0.5, latent_shape=(3, 8, 4))
+    sigmas = make_sigmas(4, shift=3.0)
+    level = torch.full((4,), 0.7)
+    noise = torch.randn(2, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    step_noise = torch.randn(2, 4, 3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    cond = video.encode(["a", "b"])
+    with torch.no_grad():
+        traj_video = sampler.rollout(video, cond, noise, sigmas, level, step_noise=step_noise)
+        traj_image = sampler.rollout(image, cond, noise.reshape(2, 3, 8, 4), sigmas, level, step_noise=step_noise.reshape(2, 4, 3, 8, 4))
+        log_prob, mean = sampler.log_prob(video, traj_video, 1)
+    assert traj_video.latents.shape == (2, 5, 3, 2, 4, 4)
+    assert torch.allclose(traj_video.latents.reshape(2, 5, 3, 8, 4), traj_image.latents, atol=1e-6)
+    assert torch.allclose(traj_video.log_probs, traj_image.log_probs, atol=1e-6)
+    assert torch.allclose(log_prob, traj_video.log_probs[:, 1], atol=1e-5) and torch.allclose(mean, traj_video.means[:, 1], atol=1e-5)

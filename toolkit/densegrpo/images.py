@@ -41,7 +41,12 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def make_grid(
     images: torch.Tensor, captions: Sequence[str] | None = None, columns: int | None = None, scale: int = 4
 ) -> Image.Image:
-    """Tile ``images (N,3,H,W)`` into one picture, upscaled ``scale``x (nearest), with optional captions."""
+    """Tile ``images (N,3,H,W)`` into one picture, upscaled ``scale``x (nearest), with optional captions.
+
+    ``videos (N,F,3,H,W)`` show each video as a strip of its frames (see :func:`frame_strip`).
+    """
+    if images.ndim == 5:
+        images = frame_strip(images)
     count = int(images.shape[0])
     columns = columns or min(count, 8)
     rows = (count + columns - 1) // columns
@@ -58,6 +63,13 @@ def make_grid(
             text = _wrap(captions[index], max(8, width // 6))
             draw.multiline_text((x, y + height + 1), text, fill="black", spacing=0)
     return canvas
+
+
+def frame_strip(videos: torch.Tensor, frames: int = 4) -> torch.Tensor:
+    """``videos (N,F,3,H,W)`` -> ``(N,3,H,k*W)``: ``k = min(frames, F)`` frames evenly spaced from first to last, side by side."""
+    count = int(videos.shape[1])
+    picked = torch.linspace(0, count - 1, min(frames, count)).round().long()
+    return torch.cat(list(videos[:, picked].unbind(1)), dim=-1)
 
 
 def _wrap(text: str, width: int) -> str:

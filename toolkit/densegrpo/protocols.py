@@ -7,6 +7,16 @@ Shapes are part of the contract (see DESIGN.md). Legend:
 * ``(C, h, w)``: one latent (pixels for the toy policy, VAE latents for SD3/FLUX).
 * ``(H, W)``: decoded image size.
 
+Video. A video policy (``wan``) has latents with a frame axis, ``latent_shape = (C, F, h, w)``
+(``F`` latent frames), so every ``(N, ..., C, h, w)`` below reads ``(N, ..., C, F, h, w)``:
+``Trajectory.latents (N, T+1, C, F, h, w)``, ``velocity`` and ``means`` likewise. The step maths
+is elementwise and every per-sample mean (``log_probs``, the KL) runs over all non-batch
+dimensions, so samplers and the dense engine need nothing else. Its ``decode`` returns videos
+``(N, F_out, 3, H, W)`` float32 in [0, 1], frames in time order (the layout of diffusers'
+``WanPipeline(output_type="pt")`` and of Flow-GRPO's video rewards), and rewards receive them in
+that layout; :class:`densegrpo.rewards.video_frames.VideoFramesReward` (``video-frames``) turns
+any image reward into a video reward. Image policies and image rewards are unchanged.
+
 Time indexing. Tensors along a trajectory use the *step index* ``k = 0 .. T``:
 ``latents[:, k]`` lives at ``sigmas[k]``; ``k = 0`` is pure noise (``sigma = 1``) and
 ``k = T`` the clean sample (``sigma = 0``). Step ``k`` is the move ``latents[:, k] ->
@@ -267,8 +277,8 @@ class Policy(Protocol):
     guidance in the loss ignores ``cfg_grad``. Default: a context that changes nothing.
     """
 
-    latent_shape: tuple[int, int, int]
-    """``(C, h, w)`` of one latent."""
+    latent_shape: tuple[int, ...]
+    """``(C, h, w)`` of one latent, or ``(C, F, h, w)`` for a video policy."""
 
     device: torch.device
     """Where the model runs; rollouts put their tensors here."""
@@ -278,11 +288,12 @@ class Policy(Protocol):
         ...
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """``x (N,C,h,w)``, ``sigma (N,)`` in [0, 1] -> velocity ``(N,C,h,w)`` (CFG applied)."""
+        """``x (N, *latent_shape)``, ``sigma (N,)`` in [0, 1] -> velocity of the same shape (CFG applied)."""
         ...
 
     def decode(self, x0: Tensor) -> Tensor:
-        """Clean latents ``(N,C,h,w)`` -> images float32 ``(N,3,H,W)`` in [0, 1]."""
+        """Clean latents ``(N,C,h,w)`` -> images float32 ``(N,3,H,W)`` in [0, 1]; a video policy's
+        ``(N,C,F,h,w)`` -> videos float32 ``(N,F_out,3,H,W)`` in [0, 1]."""
         ...
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -346,12 +357,12 @@ class Sampler(Protocol):
 
 @runtime_checkable
 class RewardModel(Protocol):
-    """Scores images; NaN means "not applicable"."""
+    """Scores images (or videos, for a video policy); NaN means "not applicable"."""
 
     def __call__(
         self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any] | None]
     ) -> Tensor:
-        """``images (N,3,H,W)`` float32 in [0,1] -> rewards ``(N,)`` float32."""
+        """``images (N,3,H,W)`` float32 in [0,1] (videos: ``(N,F,3,H,W)``) -> rewards ``(N,)`` float32."""
         ...
 
 

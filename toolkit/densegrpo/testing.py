@@ -37,7 +37,7 @@ class GaussianFlowPolicy(nn.Module):
     Args:
         mean: initial ``mu`` (a float, or a tensor broadcastable to ``latent_shape``).
         std: initial ``s`` (> 0); stored as the scalar parameter ``log_std``.
-        latent_shape: ``(C, h, w)``.
+        latent_shape: ``(C, h, w)``, or ``(C, F, h, w)`` for a video-shaped policy (``F`` frames).
         prompt_shifts: optional ``{prompt: shift}``; :meth:`encode` puts the shift in
             ``prompt_embeds (N, 1, 1)`` and the data mean becomes ``mu + shift`` for that
             prompt, so rewards can depend on the prompt. Unknown prompts shift by 0.
@@ -48,7 +48,7 @@ class GaussianFlowPolicy(nn.Module):
 
     ``decode`` maps a latent to an image ``sigmoid(x)`` of its first three channels (one
     channel is repeated when ``C < 3``), so images are in (0, 1), smooth and monotone in the
-    latent.
+    latent; a ``(C, F, h, w)`` latent decodes to a video ``(N, F, 3, h, w)``, frame by frame.
     """
 
     def __init__(
@@ -62,11 +62,11 @@ class GaussianFlowPolicy(nn.Module):
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
-        if len(latent_shape) != 3:
-            raise ValueError(f"latent_shape must be (C, h, w), got {tuple(latent_shape)}.")
+        if len(latent_shape) not in (3, 4):
+            raise ValueError(f"latent_shape must be (C, h, w) or (C, F, h, w), got {tuple(latent_shape)}.")
         if not std > 0:
             raise ValueError(f"std must be positive, got {std}.")
-        self.latent_shape: tuple[int, int, int] = tuple(int(d) for d in latent_shape)  # type: ignore[assignment]
+        self.latent_shape: tuple[int, ...] = tuple(int(d) for d in latent_shape)  # type: ignore[assignment]
         self.dtype = dtype
         self.prompt_shifts = dict(prompt_shifts or {})
         mu = torch.as_tensor(mean, dtype=torch.float32).expand(self.latent_shape).clone()
@@ -88,14 +88,14 @@ class GaussianFlowPolicy(nn.Module):
         return Cond(prompt_embeds=embeds, prompts=list(prompts))
 
     def data_mean(self, cond: Cond) -> Tensor:
-        """``(N, C, h, w)`` mean of the data for each row of ``cond``."""
-        shift = cond.prompt_embeds[:, 0, 0].to(torch.float32).view(-1, 1, 1, 1)
+        """``(N, *latent_shape)`` mean of the data for each row of ``cond``."""
+        shift = cond.prompt_embeds[:, 0, 0].to(torch.float32).view(-1, *[1] * len(self.latent_shape))
         return self.mu.unsqueeze(0) + shift
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """Exact ``E[eps - x0 | x_sigma = x]`` for ``x (N,C,h,w)``, ``sigma (N,)``."""
         x = x.to(torch.float32)
-        s = sigma.to(device=x.device, dtype=torch.float32).view(-1, 1, 1, 1)
+        s = sigma.to(device=x.device, dtype=torch.float32).view(-1, *[1] * len(self.latent_shape))
         mu = self.data_mean(cond)
         var0 = torch.exp(2.0 * self.log_std)
         var_x = (1.0 - s) ** 2 * var0 + s**2
@@ -104,8 +104,12 @@ class GaussianFlowPolicy(nn.Module):
         return v.to(self.dtype)
 
     def decode(self, x0: Tensor) -> Tensor:
-        """``x0 (N,C,h,w)`` -> images ``sigmoid(x0[:, :3])`` float32 ``(N, 3, h, w)``."""
+        """``x0 (N,C,h,w)`` -> images ``sigmoid(x0[:, :3])`` float32 ``(N, 3, h, w)``; ``x0 (N,C,F,h,w)`` ->
+        videos ``(N, F, 3, h, w)``."""
         x0 = x0.to(torch.float32)
+        if x0.ndim == 5:
+            frames = x0.permute(0, 2, 1, 3, 4)  # (N, F, C, h, w)
+            return self.decode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
         rgb = x0[:, :3] if x0.shape[1] >= 3 else x0[:, :1].expand(-1, 3, -1, -1)
         return torch.sigmoid(rgb)
 

@@ -84,7 +84,7 @@ class FlowModelParts:
             velocity (N,C,h,w)``; converts sigma to the model's timestep convention and
             packs/unpacks latents where the model needs it.
         decode: clean latents ``(N,C,h,w)`` float32 -> images float32 ``(N,3,H,W)`` in [0,1].
-        latent_shape: ``(C, h, w)``.
+        latent_shape: ``(C, h, w)``, or ``(C, F, h, w)`` for video models (``F`` latent frames).
         lora_pipeline: the diffusers pipeline class whose ``save_lora_weights`` /
             ``load_lora_weights`` format the adapter writes (e.g. ``StableDiffusion3Pipeline``).
         frozen_modules: text encoders, VAE: moved to the device and dtype, frozen.
@@ -97,7 +97,7 @@ class FlowModelParts:
     encode: Callable[[list[str]], Cond]
     forward: Callable[[nn.Module, Tensor, Tensor, Cond], Tensor]
     decode: Callable[[Tensor], Tensor]
-    latent_shape: tuple[int, int, int]
+    latent_shape: tuple[int, ...]
     lora_pipeline: Any
     frozen_modules: tuple[nn.Module, ...] = ()
     lora_prefix: str = "transformer"
@@ -267,7 +267,8 @@ class FlowTransformerPolicy:
 
     # ----------------------------------------------------------------- velocity
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """``v_theta(x, sigma, c)`` with CFG: ``x (N,C,h,w)``, ``sigma (N,)`` in [0, 1] -> float32 ``(N,C,h,w)``.
+        """``v_theta(x, sigma, c)`` with CFG: ``x (N, *latent_shape)`` (``(N,C,h,w)``, or ``(N,C,F,h,w)`` for video),
+        ``sigma (N,)`` in [0, 1] -> float32 velocity of ``x``'s shape.
 
         CFG applies when ``guidance_scale > 1`` and ``cond.negative`` is present (see
         :func:`guided_velocity`), except inside :meth:`loss_forward` with
@@ -275,7 +276,7 @@ class FlowTransformerPolicy:
         ``loss_forward(cfg_grad="conditional")`` the unconditional branch is detached. Gradient
         mode plays no part.
         """
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.latent_shape:
+        if tuple(x.shape[1:]) != self.latent_shape:
             raise ValueError(f"velocity() expects x of shape (N, {', '.join(map(str, self.latent_shape))}), got {tuple(x.shape)}")
         n = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)

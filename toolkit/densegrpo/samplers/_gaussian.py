@@ -247,8 +247,8 @@ def gaussian_rollout(
         std_t: ``(T,)`` :attr:`Trajectory.std_t`; ``None``: ``step_std / sqrt(-dt)`` (flow-SDE).
     """
     device = torch.device(policy.device) if not isinstance(policy.device, torch.device) else policy.device
-    if noise.ndim != 4:
-        raise ValueError(f"noise must be (N, C, h, w), got shape {tuple(noise.shape)}.")
+    if noise.ndim not in (4, 5):
+        raise ValueError(f"noise must be (N, C, h, w), or (N, C, F, h, w) for video, got shape {tuple(noise.shape)}.")
     if len(cond) != noise.shape[0]:
         raise ValueError(f"cond has {len(cond)} rows but noise has {noise.shape[0]}; encode one prompt per sample.")
     sigmas = sigmas.to(device=device, dtype=torch.float32)
