@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from densegrpo import config as cfg
 from densegrpo import registry
+from densegrpo.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,16 @@ class Arm:
         """Whether the arm runs reward-aware calibration rounds, which the profile sizes."""
         return self.calibrator == "reward-aware"
 
-    def overrides(self) -> list[str]:
+    def overrides(self, base: cfg.RunConfig | None = None) -> list[str]:
         """The ``--set`` overrides that select this arm's components. The component names come
-        before their options: setting a name drops the previous component's options."""
+        before their options: setting a name drops the previous component's options, so a name
+        that ``base`` (a user's configuration) already has is not set again and keeps its options."""
+        def name(kind: str, value: str) -> list[str]:
+            current = getattr(base, kind).name if base is not None else None
+            return [] if current == value else [f"{kind}.name={value}"]
+
         completion = [] if self.completion is None else [f"advantage.config.completion={self.completion}"]
-        return [f"advantage.name={self.advantage}", *completion, f"calibrator.name={self.calibrator}"]
+        return [*name("advantage", self.advantage), *completion, *name("calibrator", self.calibrator)]
 
 
 # The DenseGRPO arm is "densegrpo" (n = t with reward-aware calibration); the others each change one thing.
@@ -71,8 +78,38 @@ PROFILES = {
 }
 
 
+WORLDS = ("toy", "lab")  # the built-in worlds; a user's CONFIG file is the third kind
+
+
+def world_config(world: str, config: Path | None, arm: str | Arm, reward: str, seed: int, profile: Profile,
+                 iterations: int | None) -> cfg.RunConfig:
+    """The resolved run config of ``arm`` in a benchmark world: ``toy`` (:func:`arm_config`),
+    ``lab`` (:data:`densegrpo.bench.lab.LAB_OVERRIDES`, sized by itself) or a user's
+    ``config`` file, which keeps its own sizes, rewards and component options; ``iterations``
+    (when given) and the seed are the benchmark's."""
+    spec = ARMS[arm] if isinstance(arm, str) else arm
+    if world == "toy" and config is None:
+        return arm_config(spec, reward, seed, profile, iterations or profile.iterations)
+    quiet = [f"seed={seed}", "checkpoint_every=0", "logging.progress=false", *([f"iterations={iterations}"] if iterations else [])]
+    if config is not None:
+        base = cfg.resolve(config, quiet)
+        return cfg.resolve(config, [*quiet, *spec.overrides(base)])
+    if world == "lab":
+        from densegrpo.bench.lab import LAB_OVERRIDES
+
+        base = cfg.resolve(None, [*LAB_OVERRIDES, *quiet])
+        return cfg.resolve(None, [*LAB_OVERRIDES, *quiet, *spec.overrides(base)])
+    raise UserError(f"unknown world '{world}'; available: {', '.join(WORLDS)}, or pass a CONFIG file")
+
+
+def reward_key(config: cfg.RunConfig) -> str:
+    """The name a run's rewards are filed under in ``results.json``: their names joined by '+'."""
+    return "+".join(r.name for r in config.rewards)
+
+
 def arm_config(arm: str | Arm, reward: str, seed: int, profile: Profile, iterations: int) -> cfg.RunConfig:
-    """The resolved run config of ``arm`` (a name in :data:`ARMS` or an :class:`Arm`) on ``reward``."""
+    """The resolved run config of ``arm`` (a name in :data:`ARMS` or an :class:`Arm`) on ``reward``
+    in the toy world."""
     spec = ARMS[arm] if isinstance(arm, str) else arm
     calibration = [f"calibrator.config.max_rounds={profile.calibration_rounds}", f"calibrator.config.samples_per_round={profile.calibration_samples}"]
     return cfg.resolve(
