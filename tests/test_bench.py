@@ -140,3 +140,25 @@ def test_a_config_naming_a_third_party_policy_runs_and_a_killed_benchmark_resume
     claims = results["summary"]["loop_components:BrightnessReward"]["claims"]
     assert {row["claim"] for row in claims} == {"dense > sparse"} and all(row["paired"] and row["n"] == 3 for row in claims)
     assert "| dense > sparse |" in (out / "report.md").read_text()
+
+
+def test_the_lab_world_runs_through_the_cli_and_its_arms_keep_the_labs_calibration_sizes(tmp_path):
+    from typer.testing import CliRunner
+
+    from densegrpo.bench.arms import world_config
+    from densegrpo.cli import app
+
+    calibrated = world_config("lab", None, "densegrpo", None, 3, PROFILES["default"], None)
+    assert (calibrated.policy.name, calibrated.rewards[0].name, calibrated.seed) == ("lab", "lab", 3)
+    assert calibrated.calibrator.config == {"max_rounds": 2, "samples_per_round": 32}
+    assert world_config("lab", None, "flow-grpo", None, 0, PROFILES["default"], None).calibrator.config == {}
+    out = tmp_path / "lab"
+    result = CliRunner().invoke(app, ["bench", "sparse-vs-dense", "--world", "lab", "--quick", "--seeds", "2", "--arm", "flow-grpo",
+                                      "--arm", "densegrpo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["world"] == "lab" and results["iterations"] == 2 and results["eval_steps"] == 16
+    assert [r["seed"] for r in results["runs"]["lab"]["densegrpo"]] == [0, 1]
+    report = (out / "report.md").read_text()
+    assert "credit-assignment lab" in report and "ODE samples (16 steps)" in report
+    assert "| dense > sparse | densegrpo - flow-grpo |" in report

@@ -281,12 +281,12 @@ def evaluate(
 @bench_app.command("sparse-vs-dense")
 def bench_sparse_vs_dense(
     config: Optional[Path] = typer.Argument(None, help="A run configuration to compare the arms on (its own policy, rewards and sizes); default: the --world."),
-    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per arm (default 5; 1 with --quick)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per arm (default 5, 10 in the lab world; 1 with --quick)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="GRPO iterations per run (default: the profile's, or CONFIG's own)."),
     reward: list[str] = typer.Option([], "--reward", help="Toy world: reward(s) to run on (default: toy-geneval and toy-clip)."),
     out: Path = typer.Option(Path("bench-sparse-vs-dense"), "--out", help="Output folder."),
     world: str = typer.Option("toy", "--world", help="Built-in world: toy (the toy text-to-image policy) or lab (the seconds-fast credit-assignment lab)."),
-    quick: bool = typer.Option(False, "--quick", help="Smoke profile: a few iterations, small batches (<= 5 min)."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke profile: 2 iterations (in the toy world also small batches; <= 5 min)."),
     arms: list[str] = typer.Option([], "--arm", help="Run only these arms (repeatable)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Training runs in parallel processes (torch threads are split between them; one GPU each when there are GPUs)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the benchmark in this folder with the settings it was started with; finished runs are not redone."),
@@ -301,7 +301,7 @@ def bench_sparse_vs_dense(
     if resume is not None:
         path = run_sparse_vs_dense(out=resume, workers=jobs, resume=True)
     else:
-        path = run_sparse_vs_dense(seeds=seeds or (1 if quick else 5), iterations=iterations, rewards=reward, out=out, quick=quick,
+        path = run_sparse_vs_dense(seeds=seeds or (1 if quick else 10 if world == "lab" and config is None else 5), iterations=iterations, rewards=reward, out=out, quick=quick,
                                    arms=arms, workers=jobs, world=world, config=config)
     typer.echo(str(path))
 

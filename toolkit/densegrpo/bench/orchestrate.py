@@ -212,7 +212,7 @@ def run_sparse_vs_dense(
             raise UserError(f"unknown arm(s) {', '.join(unknown)}; available: {', '.join(ARMS)}")
         profile_name = "quick" if quick else "default"
         plan = {"world": world, "config": str(config) if config else None, "profile": profile_name, "seeds": seeds,
-                "iterations": iterations or (PROFILES[profile_name].iterations if world == "toy" and config is None else None),
+                "iterations": iterations or (PROFILES[profile_name].iterations if quick or (world == "toy" and config is None) else None),
                 "rewards": list(rewards or DEFAULT_REWARDS), "arms": arms}
         if (out / "results.json").exists() and any((out / "runs").glob("*/*/seed*/summary.json")):
             raise UserError(f"'{out}' already holds a benchmark; pass --resume {out} to continue it or choose another --out")
@@ -224,6 +224,7 @@ def run_sparse_vs_dense(
         results["iterations"] = next(iter(firsts.values())).iterations
     first = next(iter(firsts.values()))
     results["group_size"], results["groups_per_iteration"] = first.train.group_size, first.train.groups_per_iteration
+    results["eval_steps"] = first.sampling.eval_steps
     results["uniform_level"] = uniform_level(world_config(plan["world"], Path(plan["config"]) if plan["config"] else None, PSI_ARM,
                                                           plan["rewards"][0], 0, PROFILES[plan["profile"]], plan["iterations"]))
     write_json(out / "results.json", results)

@@ -81,6 +81,7 @@ def world_title(results: dict[str, Any]) -> str:
 def render_report(results: dict[str, Any]) -> str:
     """The markdown report: how it was made, the plots, and per reward a table of every arm,
     the claims checked and the measured costs."""
+    steps = f" ({results['eval_steps']} steps)" if results.get("eval_steps") else ""
     lines = [
         f"# Sparse vs dense GRPO on {world_title(results)}",
         "",
@@ -88,7 +89,7 @@ def render_report(results: dict[str, Any]) -> str:
         f"{results['iterations']} iterations, {results['seeds']} seeds per arm, batch {results['group_size']} x {results['groups_per_iteration']} groups. "
         "Every number below was computed by the command; nothing is typed by hand.",
         "",
-        f"Reward = the terminal reward of the training rollouts (SDE), {SMOOTH_WINDOW}-iteration moving average; eval = ODE samples (40 steps) on test prompts after training. "
+        f"Reward = the terminal reward of the training rollouts (SDE), {SMOOTH_WINDOW}-iteration moving average; eval = ODE samples{steps} on test prompts after training. "
         "Wall-clock counts training compute only (calibration, rollouts, rewards, updates), not evaluation.",
         "",
         "![reward vs iteration](reward_vs_iteration.png)",

@@ -49,7 +49,14 @@ FOCUS_SIZE = 8
 FOCUS_SEED = 0
 """Seed of the ``toy-train-focus`` draw from the ``color_attr`` training prompts."""
 
-BUILTIN = {"toy-train": "train.jsonl", "toy-test": "test.jsonl", "toy-train-focus": "train_focus.jsonl"}
+BUILTIN = {
+    "toy-train": "train.jsonl",
+    "toy-test": "test.jsonl",
+    "toy-train-focus": "train_focus.jsonl",
+    # the credit-assignment lab (densegrpo.lab): "pattern k", train k = 0..63, test k = 64..127
+    "lab-train": "lab_train.jsonl",
+    "lab-test": "lab_test.jsonl",
+}
 """Names :func:`load_prompts` resolves to the shipped files."""
 
 
@@ -173,7 +180,7 @@ def load_prompts(name_or_path: str | Path) -> list[dict[str, Any]]:
 
     Args:
         name_or_path: ``"toy-train"``, ``"toy-test"`` or ``"toy-train-focus"`` (the shipped
-            GenEval-format sets), a
+            GenEval-format sets), ``"lab-train"`` or ``"lab-test"`` (the lab's patterns), a
             ``.jsonl`` file in GenEval's metadata format, or a plain text file with one prompt
             per line (each becomes ``{"prompt": line}``, with no metadata).
     """
