@@ -4,7 +4,8 @@ A new plugin is tested by installing it: it appears in ``registry.components()``
 runs through the checks of its kind. Components that need weights unavailable offline
 provide a classmethod ``contract_instance()`` that builds a tiny instance (declared in
 ``densegrpo.protocols.OPTIONAL_MEMBERS``'s docstring and CONTRIBUTING.md); others are built
-from their default ``Config``. Every component must also pass ``protocols.conform``: the
+from their default ``Config``. Components of another world say what they are fed
+(``contract_prompts()``, ``contract_batch()``; same docstring). Every component must also pass ``protocols.conform``: the
 required members of its kind are there, and the optional ones it defines have the declared
 meaning (checked per kind below).
 """
@@ -126,7 +127,9 @@ def test_policy_contract(kind, name):
     assert isinstance(policy, Policy)
     shape = tuple(policy.latent_shape)
     assert len(shape) in (3, 4), f"latent_shape must be (C, h, w) or (C, F, h, w), got {shape}"
-    cond = policy.encode(["a photo of a red circle", "a photo of two squares"])
+    cls = registry.load_class(kind, name)
+    prompts = cls.contract_prompts() if "contract_prompts" in dir(cls) else ["a photo of a red circle", "a photo of two squares"]
+    cond = policy.encode(prompts)
     assert isinstance(cond, Cond) and len(cond) == 2
     x = torch.randn(2, *shape, device=policy.device)
     sigma = torch.tensor([0.9, 0.3], device=policy.device)
@@ -179,8 +182,13 @@ def test_sampler_contract(kind, name):
 def test_reward_contract(kind, name):
     reward = instance(kind, name)
     assert isinstance(reward, RewardModel)
-    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    scores = reward(images, [m["prompt"] for m in TOY_METADATA], TOY_METADATA)
+    cls = registry.load_class(kind, name)
+    if "contract_batch" in dir(cls):
+        images, prompts, metadata = cls.contract_batch()
+    else:
+        images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        prompts, metadata = [m["prompt"] for m in TOY_METADATA], TOY_METADATA
+    scores = reward(images, prompts, metadata)
     assert isinstance(scores, torch.Tensor) and scores.shape == (2,) and scores.dtype == torch.float32
     assert not torch.isinf(scores).any()
 

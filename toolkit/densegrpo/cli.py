@@ -287,7 +287,7 @@ def bench_sparse_vs_dense(
     out: Path = typer.Option(Path("bench-sparse-vs-dense"), "--out", help="Output folder."),
     world: str = typer.Option("toy", "--world", help="Built-in world: toy (the toy text-to-image policy) or lab (the seconds-fast credit-assignment lab)."),
     quick: bool = typer.Option(False, "--quick", help="Smoke profile: 2 iterations (in the toy world also small batches; <= 5 min)."),
-    arms: list[str] = typer.Option([], "--arm", help="Run only these arms (repeatable)."),
+    arms: list[str] = typer.Option([], "--arm", help="Run only these arms (repeatable): a built-in arm's name, or your own as LABEL=ADVANTAGE[+CALIBRATOR] (registered names or module:attr; calibrator default uniform)."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Training runs in parallel processes (torch threads are split between them; one GPU each when there are GPUs)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the benchmark in this folder with the settings it was started with; finished runs are not redone."),
     report_only: bool = typer.Option(False, "--report-only", help="Only re-render report.md and the plots from OUT/results.json."),

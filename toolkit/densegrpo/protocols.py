@@ -488,7 +488,12 @@ OPTIONAL_MEMBERS: dict[str, tuple[OptionalMember, ...]] = {
 
 Every kind may also define a classmethod ``contract_instance()`` that builds a tiny instance
 for the contract test (tests/test_contract.py), for components whose default ``Config``
-needs weights that are not available offline; default: ``cls(cls.Config())``."""
+needs weights that are not available offline; default: ``cls(cls.Config())``. A component of a
+world other than images of toy scenes (the ``lab`` world reads prompts ``"pattern k"`` and images
+``(N, 3, 1, d)``) says what the contract test feeds it: a policy by the classmethod
+``contract_prompts()`` (two prompts; default two toy-scene prompts), a reward by the classmethod
+``contract_batch()`` (``(images, prompts, metadata)`` for two samples; default two random
+``(3, 64, 64)`` images with toy-GenEval metadata)."""
 
 REQUIRED_MEMBERS: dict[str, tuple[str, ...]] = {
     "policies": ("latent_shape", "device", "encode", "velocity", "decode", "trainable_parameters", "reference",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,28 @@ ARMS: dict[str, Arm] = {
 DEFAULT_REWARDS = ("toy-geneval", "toy-clip")
 
 
+def parse_arm(name: str) -> tuple[str, Arm]:
+    """``(label, arm)`` of an ``--arm`` value: a name in :data:`ARMS`, or a user's arm
+    ``LABEL=ADVANTAGE`` or ``LABEL=ADVANTAGE+CALIBRATOR``, where each component is a registered
+    name or ``module:attr`` (calibrator default ``uniform``), so a new estimator runs beside the
+    built-in arms on the same seeds."""
+    if name in ARMS:
+        return name, ARMS[name]
+    if "=" not in name:
+        raise UserError(f"unknown arm '{name}'; available: {', '.join(ARMS)}, or LABEL=ADVANTAGE[+CALIBRATOR] for your own")
+    label, _, components = name.partition("=")
+    advantage, _, calibrator = components.partition("+")
+    calibrator = calibrator or "uniform"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", label) or label in ARMS:
+        raise UserError(f"arm label '{label}' must be letters, digits, '.', '_' or '-' and not a built-in arm's name")
+    for kind, component in (("advantages", advantage), ("calibrators", calibrator)):
+        try:
+            registry.load_class(kind, component)
+        except (KeyError, ValueError, ImportError, AttributeError) as error:
+            raise UserError(f"arm '{label}': {error}") from None
+    return label, Arm(f"{label}: {advantage} + {calibrator} (your arm)", advantage, calibrator)
+
+
 @dataclass
 class Profile:
     """Run sizes of a benchmark profile; ``overrides`` are applied after the arm's."""
@@ -87,7 +110,7 @@ def world_config(world: str, config: Path | None, arm: str | Arm, reward: str, s
     ``lab`` (:data:`densegrpo.bench.lab.LAB_OVERRIDES`, sized by itself) or a user's
     ``config`` file, which keeps its own sizes, rewards and component options; ``iterations``
     (when given) and the seed are the benchmark's."""
-    spec = ARMS[arm] if isinstance(arm, str) else arm
+    spec = parse_arm(arm)[1] if isinstance(arm, str) else arm
     if world == "toy" and config is None:
         return arm_config(spec, reward, seed, profile, iterations or profile.iterations)
     quiet = [f"seed={seed}", "checkpoint_every=0", "logging.progress=false", *([f"iterations={iterations}"] if iterations else [])]
@@ -110,7 +133,7 @@ def reward_key(config: cfg.RunConfig) -> str:
 def arm_config(arm: str | Arm, reward: str, seed: int, profile: Profile, iterations: int) -> cfg.RunConfig:
     """The resolved run config of ``arm`` (a name in :data:`ARMS` or an :class:`Arm`) on ``reward``
     in the toy world."""
-    spec = ARMS[arm] if isinstance(arm, str) else arm
+    spec = parse_arm(arm)[1] if isinstance(arm, str) else arm
     calibration = [f"calibrator.config.max_rounds={profile.calibration_rounds}", f"calibrator.config.samples_per_round={profile.calibration_samples}"]
     return cfg.resolve(
         None,

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from densegrpo import config as cfg
-from densegrpo.bench.arms import ARMS, DEFAULT_REWARDS, PROFILES, WORLDS, Profile, reward_key, uniform_level, world_config
+from densegrpo.bench.arms import ARMS, DEFAULT_REWARDS, PROFILES, WORLDS, Profile, parse_arm, reward_key, uniform_level, world_config
 from densegrpo.bench.costs import COST_ARM, measure_costs
 from densegrpo.bench.report import PSI_ARM, plot_curves, plot_psi, render_report
 from densegrpo.bench.stats import summarise, summarise_run
@@ -108,7 +108,7 @@ def header(plan: dict[str, Any], arms: list[str], workers: int, threads: int) ->
         "seeds": plan["seeds"],
         "group_size": profile.group_size,
         "groups_per_iteration": profile.groups,
-        "arms": {a: ARMS[a].description for a in arms},
+        "arms": {label: arm.description for label, arm in map(parse_arm, arms)},
         "runs": {},
         "costs": {},
         "jobs": workers,
@@ -167,8 +167,9 @@ def plan_runs(plan: dict[str, Any], out: Path, threads: int) -> tuple[list[tuple
                 key = reward or reward_key(run_config)
                 if key not in firsts:
                     firsts[key] = world_config(plan["world"], config, COST_ARM, reward, 0, profile, plan["iterations"])
-                jobs.append((key, arm, seed))
-                tasks.append((str(out / "runs" / folder_name(key) / arm / f"seed{seed}"), run_config.model_dump(mode="json"), threads))
+                label = parse_arm(arm)[0]
+                jobs.append((key, label, seed))
+                tasks.append((str(out / "runs" / folder_name(key) / label / f"seed{seed}"), run_config.model_dump(mode="json"), threads))
     return jobs, tasks, firsts
 
 
@@ -207,9 +208,9 @@ def run_sparse_vs_dense(
         if config is not None and not Path(config).is_file():
             raise UserError(f"config '{config}' does not exist; pass a .yaml or .toml run configuration")
         arms = list(arms or ARMS)
-        unknown = [a for a in arms if a not in ARMS]
-        if unknown:
-            raise UserError(f"unknown arm(s) {', '.join(unknown)}; available: {', '.join(ARMS)}")
+        labels = [parse_arm(a)[0] for a in arms]  # a bad arm is a UserError here, before any run
+        if len(set(labels)) != len(labels):
+            raise UserError(f"arms {', '.join(labels)} repeat a label; give every arm its own")
         profile_name = "quick" if quick else "default"
         plan = {"world": world, "config": str(config) if config else None, "profile": profile_name, "seeds": seeds,
                 "iterations": iterations or (PROFILES[profile_name].iterations if quick or (world == "toy" and config is None) else None),

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from densegrpo.bench.arms import ARMS
 from densegrpo.plots import moving_average
 
 SMOOTH_WINDOW = 3  # iterations in the training reward's moving average: short enough for 8-iteration runs
@@ -107,13 +108,16 @@ def verdict(interval: dict[str, Any], half_width: float = DECISION_HALF_WIDTH) -
 
 
 def judge_claims(per_run: dict[str, dict[str, list[float | None]]], seeds: dict[str, list[int]]) -> list[dict[str, Any]]:
-    """Every claim of :data:`CLAIMS` whose two arms ran, at every budget of :data:`BUDGETS`.
+    """Every claim of :data:`CLAIMS` whose two arms ran, at every budget of :data:`BUDGETS`;
+    a user's arm (not in :data:`~densegrpo.bench.arms.ARMS`) is claimed to beat Flow-GRPO and DenseGRPO.
 
     ``per_run[arm][key]``: one number per run of ``arm``; ``seeds[arm]``: their seeds. Arms
     that ran the same seeds are paired by seed.
     """
     judged = []
-    for claim, a, b in CLAIMS:
+    yours = [arm for arm in per_run if arm not in ARMS]
+    extra = [(f"{arm} > {rival}", arm, rival) for arm in yours for rival in ("flow-grpo", "densegrpo")]
+    for claim, a, b in CLAIMS + extra:
         if a not in per_run or b not in per_run:
             continue
         shared = sorted(set(seeds[a]) & set(seeds[b]))

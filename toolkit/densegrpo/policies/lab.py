@@ -94,6 +94,11 @@ class LabPolicy(FlowTransformerPolicy):
             description="Off by default: the residual (a few thousand weights) is trained whole; enable for LoRA on its layers.",
         )
 
+    @classmethod
+    def contract_prompts(cls) -> list[str]:
+        """The prompts the registry-wide contract test encodes: the lab reads only ``"pattern k"``."""
+        return ["pattern 0", "pattern 1"]
+
     def __init__(self, config: Config | None = None):
         config = config if config is not None else self.Config()
         from diffusers import StableDiffusion3Pipeline

@@ -34,6 +34,12 @@ class LabReward:
     def __init__(self, config: Config | None = None):
         self.config = config if config is not None else self.Config()
 
+    @classmethod
+    def contract_batch(cls) -> tuple[Tensor, list[str], None]:
+        """What the registry-wide contract test scores: two random lab images ``(2,3,1,16)``, two patterns."""
+        x0 = torch.randn(2, 1, 1, 16, generator=torch.Generator().manual_seed(0))
+        return world.encode_image(x0), ["pattern 0", "pattern 1"], None
+
     def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any] | None] | None = None) -> Tensor:
         """``images (N,3,1,d)`` in [0,1] -> ``(N,)`` float32."""
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != 1:
