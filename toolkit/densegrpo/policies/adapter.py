@@ -44,6 +44,14 @@ CFGGrad = Literal["conditional", "both"]
 Forward = Callable[[Tensor, Tensor, Cond], Tensor]
 """``(x (N,C,h,w) model dtype, sigma (N,) float32, cond) -> velocity (N,C,h,w)``, one transformer call."""
 
+CombineGuidance = Callable[[Tensor, Tensor, float], Tensor]
+"""``(v_neg (N,C,h,w), v_pos (N,C,h,w), scale) -> v (N,C,h,w)`` float32, how a model combines its CFG branches."""
+
+
+def classifier_free_guidance(v_negative: Tensor, v_positive: Tensor, scale: float) -> Tensor:
+    """``v_neg + scale (v_pos - v_neg)`` (Ho & Salimans 2022, eq. 6 in velocity form); every shape, float32."""
+    return v_negative + scale * (v_positive - v_negative)
+
 
 class FlowPolicyConfig(BaseModel):
     """Fields shared by every diffusers-backed policy."""
@@ -91,6 +99,9 @@ class FlowModelParts:
         lora_prefix: the pipeline's name for the denoiser in LoRA files (``transformer`` for
             SD3/FLUX, ``unet`` for UNet pipelines).
         default_lora_targets: LoRA targets when ``lora.target_modules`` is None.
+        combine_guidance: how the CFG branches combine (:data:`CombineGuidance`); plain
+            :func:`classifier_free_guidance` unless the model's pipeline does more (Qwen-Image
+            rescales each token to the conditional prediction's norm).
     """
 
     transformer: nn.Module
@@ -102,6 +113,7 @@ class FlowModelParts:
     frozen_modules: tuple[nn.Module, ...] = ()
     lora_prefix: str = "transformer"
     default_lora_targets: tuple[str, ...] = tuple(FLOW_GRPO_LORA_TARGETS)
+    combine_guidance: CombineGuidance = classifier_free_guidance
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -133,18 +145,31 @@ def hub_load(loader: Callable[..., Any], what: str, model: str, *, subfolder: st
         raise UserError(f"cannot load the {what} from '{where}' ({type(error).__name__}: {reason}); {hint}") from error
 
 
+def cat_rows(values: list[Tensor]) -> Tensor:
+    """Concatenate along the batch; tensors of 2+ dims whose token axis (dim 1) differs are first
+    right-padded with zeros to the longest (``(N_i, L_i, ...)`` -> ``(sum N_i, max L_i, ...)``).
+
+    Models whose prompts encode to different lengths (Qwen-Image) carry a mask in ``Cond.extra``
+    whose padded positions are then 0, as their pipelines pad a batch.
+    """
+    if values[0].dim() >= 2 and len({v.shape[1] for v in values}) > 1:
+        longest = max(v.shape[1] for v in values)
+        values = [torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, longest - v.shape[1])) for v in values]
+    return torch.cat(values, dim=0)
+
+
 def _cat_conds(rows: list[Cond]) -> Cond:
-    """Stack conditionings without negatives along the batch: ``N_1 + N_2 + ...`` rows."""
+    """Stack conditionings without negatives along the batch: ``N_1 + N_2 + ...`` rows (see :func:`cat_rows`)."""
 
     def cat(values: list[Tensor | None]) -> Tensor | None:
-        return None if values[0] is None else torch.cat(values, dim=0)  # type: ignore[arg-type]
+        return None if values[0] is None else cat_rows(values)  # type: ignore[arg-type]
 
     extra_keys = rows[0].extra.keys()
     return Cond(
         prompt_embeds=cat([r.prompt_embeds for r in rows]),  # type: ignore[arg-type]
         pooled_embeds=cat([r.pooled_embeds for r in rows]),
         prompts=[p for r in rows for p in r.prompts],
-        extra={k: torch.cat([r.extra[k] for r in rows], dim=0) for k in extra_keys},
+        extra={k: cat_rows([r.extra[k] for r in rows]) for k in extra_keys},
     )
 
 
@@ -186,8 +211,9 @@ class PromptCache:
 
 
 def guided_velocity(forward: Forward, x: Tensor, sigma: Tensor, cond: Cond, scale: float,
-                    detach_negative: bool = False) -> Tensor:
-    """Classifier-free guidance ``v_neg + scale (v_pos - v_neg)`` from one transformer call.
+                    detach_negative: bool = False, combine: CombineGuidance = classifier_free_guidance) -> Tensor:
+    """Classifier-free guidance ``combine(v_neg, v_pos, scale)`` (by default ``v_neg + scale (v_pos - v_neg)``)
+    from one transformer call.
 
     ``x (N,C,h,w)`` in the model's dtype, ``sigma (N,)`` float32 and ``cond`` with
     ``cond.negative`` -> float32 ``(N,C,h,w)``. The batch is ``[negatives; positives]``
@@ -200,15 +226,15 @@ def guided_velocity(forward: Forward, x: Tensor, sigma: Tensor, cond: Cond, scal
     if negative is None:
         raise ValueError("guided_velocity() needs cond.negative; encode with guidance on")
     both = Cond(
-        prompt_embeds=torch.cat([negative.prompt_embeds, cond.prompt_embeds]),
+        prompt_embeds=cat_rows([negative.prompt_embeds, cond.prompt_embeds]),
         pooled_embeds=None if cond.pooled_embeds is None else torch.cat([negative.pooled_embeds, cond.pooled_embeds]),  # type: ignore[list-item]
-        extra={k: torch.cat([negative.extra[k], v]) for k, v in cond.extra.items()},
+        extra={k: cat_rows([negative.extra[k], v]) for k, v in cond.extra.items()},
     )
     out = forward(torch.cat([x, x]), torch.cat([sigma, sigma]), both).float()
     v_negative, v_positive = out.chunk(2)
     if detach_negative:
         v_negative = v_negative.detach()
-    return v_negative + scale * (v_positive - v_negative)
+    return combine(v_negative, v_positive, scale)
 
 
 class FlowTransformerPolicy:
@@ -289,7 +315,8 @@ class FlowTransformerPolicy:
         if not self._guided(cond):
             return self._forward(x_model, sigma, replace(cond, negative=None)).float()
         detach = self._in_loss and self._cfg_grad == "conditional"
-        return guided_velocity(self._forward, x_model, sigma, cond, self.config.guidance_scale, detach_negative=detach)
+        return guided_velocity(self._forward, x_model, sigma, cond, self.config.guidance_scale, detach_negative=detach,
+                               combine=self.parts.combine_guidance)
 
     def _guided(self, cond: Cond) -> bool:
         if not self.guidance_on or cond.negative is None:
@@ -413,12 +440,15 @@ def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mod
 
 __all__ = [
     "DTYPES",
+    "CombineGuidance",
     "FLOW_GRPO_LORA_TARGETS",
     "FlowModelParts",
     "FlowPolicyConfig",
     "FlowTransformerPolicy",
     "LoRAConfig",
     "PromptCache",
+    "cat_rows",
+    "classifier_free_guidance",
     "guided_velocity",
     "hub_load",
     "resolve_dtype",
