@@ -26,6 +26,7 @@ from densegrpo.protocols import AdvantageEstimator, DenseRewards, Policy, Sample
 from densegrpo.ratio_norm import normalized_log_ratio
 from densegrpo.reward_scorer import RewardScorer
 from densegrpo.rewarding import Scores, ScoringPlan, num_trained_steps, score, trained_step_mask
+from densegrpo.step_grad_norms import StepGradNorms
 from densegrpo.step_weighting import step_weights
 
 
@@ -224,7 +225,7 @@ def kept_rows(kept: Tensor | None, rows: list[int], rank: int) -> tuple[list[int
     return mine, float(counts[rank]) * kept.shape[0] / total
 
 
-def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor, dropped: Tensor | None = None) -> dict[str, float]:
+def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor, dropped: Tensor | None = None) -> dict[str, Any]:
     """Step 4: :func:`step_loss` over the trained steps, one optimizer step per minibatch.
 
     ``advantages (n, T)`` are this rank's rows. ``train.minibatch_size`` counts samples of the
@@ -236,6 +237,11 @@ def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor, droppe
     (``None``: none) marks samples left out of the loss (``train.drop_zero_advantage``): a
     minibatch runs on its kept rows only (:func:`kept_rows`), and one without any makes no step.
     Step ``k``'s policy term is weighted by its ``w_k`` of ``train.step_weighting`` (1 by default).
+
+    Besides the means it returns ``clipfrac_per_step`` and ``grad_norm_per_step``, lists ``(T,)``
+    (``None`` for a step not trained): step ``k``'s clip fraction and the norm of the gradient of
+    its own loss before clipping, on this rank's rows (:class:`~densegrpo.step_grad_norms.StepGradNorms`;
+    not measured with sharded weights), each averaged over the minibatches and epochs.
     """
     train, parallel, policy = learner.train, learner.parallel, learner.policy
     mask = trained_step_mask(traj, train.timestep_fraction)
@@ -245,35 +251,49 @@ def update_policy(learner: Learner, traj: Trajectory, advantages: Tensor, droppe
     kept = None if dropped is None else ~dropped.cpu().reshape(world.world_size, n)
     losses: list[StepLoss] = []
     grad_norms: list[float] = []
+    # step k's clip fraction and the norm of the gradient of its own loss, per minibatch
+    by_step: dict[str, list[list[float]]] = {"clipfrac": [[] for _ in range(traj.num_steps)], "grad_norm": [[] for _ in range(traj.num_steps)]}
     nfe_train = 0
-    for _epoch in range(train.inner_epochs):
-        for start in range(0, n, minibatch):
-            rows = list(range(start, min(n, start + minibatch)))
-            share = kept_rows(kept, rows, world.rank)
-            if share is None:
-                continue
-            used, weight = share
-            part, part_mask = traj.select(used), mask[used]
-            steps = [k for k in range(traj.num_steps) if bool(mask[rows, k].any())]
-            for k in steps:
-                use = part_mask[:, k] if weight > 0 else torch.zeros_like(part_mask[:, k])
-                with parallel.gradient_sync(k == steps[-1]):
-                    term = step_loss(policy, learner.sampler, part, k, advantages[used, k], use, train, weights[k])
-                    loss = term.loss if weight == 1.0 else term.loss * weight
-                    (loss / len(steps)).backward()
-                losses.append(term)
-                # a rank's unused row (weight 0) only keeps DDP in step: the count stays that of one process
-                nfe_train += len(used) * (2 if train.beta > 0 else 1) if weight > 0 else 0
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), train.grad_clip)))
-            learner.optimizer.step()
-            learner.optimizer.zero_grad(set_to_none=True)
+    with StepGradNorms(policy.trainable_parameters(), enabled=not parallel.sharded) as meter:
+        for _epoch in range(train.inner_epochs):
+            for start in range(0, n, minibatch):
+                rows = list(range(start, min(n, start + minibatch)))
+                share = kept_rows(kept, rows, world.rank)
+                if share is None:
+                    continue
+                used, weight = share
+                part, part_mask = traj.select(used), mask[used]
+                steps = [k for k in range(traj.num_steps) if bool(mask[rows, k].any())]
+                for k in steps:
+                    use = part_mask[:, k] if weight > 0 else torch.zeros_like(part_mask[:, k])
+                    with parallel.gradient_sync(k == steps[-1]):
+                        term = step_loss(policy, learner.sampler, part, k, advantages[used, k], use, train, weights[k])
+                        loss = term.loss if weight == 1.0 else term.loss * weight
+                        (loss / len(steps)).backward()
+                    step_norm = meter.take()  # of loss * weight / len(steps): undo both scales
+                    if term.rows and weight > 0:
+                        by_step["clipfrac"][k].append(term.clipfrac)
+                        by_step["grad_norm"][k].append(step_norm * len(steps) / weight)
+                    losses.append(term)
+                    # a rank's unused row (weight 0) only keeps DDP in step: the count stays that of one process
+                    nfe_train += len(used) * (2 if train.beta > 0 else 1) if weight > 0 else 0
+                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), train.grad_clip)))
+                learner.optimizer.step()
+                learner.optimizer.zero_grad(set_to_none=True)
     return {
         **loss_stats([t for t in losses if t.rows]),
         "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
         "nfe_train": float(world.sum(nfe_train)),
         "trained_steps": float(sum(1 for k in range(traj.num_steps) if bool(mask[:, k].any()))),
         "zero_advantage_dropped": 0.0 if dropped is None else float(dropped.float().mean()),
+        **{f"{name}_per_step": [_finite_mean(values) for values in steps] for name, steps in by_step.items()},
     }
+
+
+def _finite_mean(values: list[float]) -> float | None:
+    """Mean of the finite ``values`` (``None``: a step not trained, or not measured)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return round(sum(finite) / len(finite), 6) if finite else None
 
 
 def loss_stats(losses: list[StepLoss]) -> dict[str, float]:
@@ -300,6 +320,8 @@ def iteration_numbers(learner: Learner, traj: Trajectory, scores: Scores, noise_
         **dense_gain_stats(scores.dense),
         "noise_level": [round(float(v), 6) for v in noise_level],
         **{k: update[k] for k in ("approx_kl", "kl", "clipfrac", "policy_loss", "grad_norm", "first_step_ratio_dev", "ratio_dev_max")},
+        "clipfrac_per_step": update["clipfrac_per_step"],
+        "grad_norm_per_step": update["grad_norm_per_step"],
         "zero_std_ratio": float(zero_std if zero_std is not None else zero_std_ratio(terminal, learner.train.group_size)),
         "nan_rewards": int(torch.isnan(terminal).sum()),
         "advantage_abs_mean": float(advantages.abs().mean()),
