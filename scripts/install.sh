@@ -2,13 +2,16 @@
 # Install densegrpo (and, with --plugins, every reward plugin package) into the current Python.
 # Versions are pinned by constraints.txt so installs are reproducible.
 #   bash scripts/install.sh            core + test tools
-#   bash scripts/install.sh --plugins  core + test tools + plugins/densegrpo-*
+#   bash scripts/install.sh --plugins  core + test tools + the wandb extra + plugins/densegrpo-*
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check -c constraints.txt)
 
-"${PIP[@]}" -e ".[dev]"
+# --plugins also takes the optional integrations (W&B), so their tests run in CI
+EXTRAS="dev"
+[[ "${1:-}" == "--plugins" ]] && EXTRAS="dev,wandb"
+"${PIP[@]}" -e ".[$EXTRAS]"
 
 if [[ "${1:-}" == "--plugins" ]]; then
   # Packages whose own metadata pins what breaks our stack go in with --no-deps (see each plugin's README).

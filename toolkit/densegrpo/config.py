@@ -147,6 +147,23 @@ class TrainConfig(BaseModel):
     )
 
 
+class WandbConfig(BaseModel):
+    """Weights & Biases logging (the ``densegrpo[wandb]`` extra): config, metrics, grids and curves."""
+
+    model_config = STRICT
+    enabled: bool = Field(False, description="Log the run to Weights & Biases (needs the wandb package: pip install 'densegrpo[wandb]').")
+    project: str = Field("densegrpo", description="W&B project the run is logged to.")
+    entity: str | None = Field(None, description="W&B team or user (null: your default entity).")
+    name: str | None = Field(None, description="W&B run name (null: the run folder's name).")
+    group: str | None = Field(None, description="W&B group, e.g. to gather the seeds of one sweep (null: none).")
+    tags: list[str] = Field(default_factory=list, description="W&B tags of the run.")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="W&B mode: 'online', 'offline' (write locally, upload later with `wandb sync`) or 'disabled' "
+        "(null: the WANDB_MODE environment variable, else online).",
+    )
+    dir: str | None = Field(None, description="Folder W&B writes its files under (null: the WANDB_DIR environment variable, else the run folder).")
+
+
 class LoggingConfig(BaseModel):
     """What a run writes besides metrics.jsonl."""
 
@@ -170,7 +187,26 @@ class LoggingConfig(BaseModel):
         "train_eval_gain_se, beside the held-out eval_reward: a rise here and not there means the policy fitted its "
         "prompts without generalising.",
     )
+    monitor_rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="Rewards watched, never trained on (same specs as `rewards`; weight unused): each scores the "
+        "evaluation's ODE images of the held-out prompts and is logged as monitor_<label>_reward (label: the name in "
+        "lower case, other signs than letters and digits as '_', e.g. monitor_toy_geneval_reward), with "
+        "monitor_<label>_gain +- monitor_<label>_gain_se paired with the base policy's images as eval_gain, and drawn "
+        "in reward_curve.png. A trained reward that rises while a monitor falls is the mark of reward hacking "
+        "(Flow-GRPO issues #92, #233): see monitor_warn_se.",
+    )
+    monitor_warn_se: float = Field(
+        1.0, gt=0, description="Warn (RewardHackingWarning, and the metric reward_hacking listing the monitors) at "
+        "an evaluation where eval_gain > K * eval_gain_se while a monitor's gain < -K * its gain_se: the trained "
+        "reward rose and the monitor fell, each beyond K standard errors.",
+    )
+    step_diagnostics: bool = Field(
+        True, description="Draw step_diagnostics.png at each evaluation: per step k, the dense gain mean and its "
+        "positive share, the noise level psi, the gradient norm and the clip fraction, one line per evaluation window.",
+    )
     tensorboard: bool = Field(False, description="Also write TensorBoard scalars (needs the tensorboard package).")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases logging (off by default).")
     progress: bool = Field(True, description="Show a progress bar.")
 
 
@@ -372,6 +408,8 @@ def validate_components(config: RunConfig) -> None:
     registry.validate_config("calibrators", config.calibrator.name, config.calibrator.config)
     for spec in config.hooks:
         registry.validate_config("hooks", spec.name, spec.config)
+    for spec in config.logging.monitor_rewards:
+        registry.validate_config("rewards", spec.name, spec.config)
 
 
 def dump(config: RunConfig, fmt: Literal["yaml", "json"] = "yaml") -> str:

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def save_figure(fig: Any, path: Path, dpi: int = 120, bbox_inches: str | None = "tight") -> Path:
@@ -59,7 +60,12 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) 
     of the mean."""
     iterations = np.array([r["iteration"] + 1 for r in rows])
     mean = np.array([r["reward_mean"] for r in rows], dtype=float)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    monitors = monitor_labels_in(rows)
+    if monitors:  # a second panel: monitors have scales of their own
+        fig, (ax, watch) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+        _plot_monitors(watch, rows, monitors)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(iterations, mean, label="train reward (SDE rollouts)", color="tab:blue", alpha=0.45, linewidth=1)
     if len(rows) >= 2:
         ax.plot(iterations, moving_average(mean, window), color="tab:blue", linewidth=2.2,
@@ -77,12 +83,46 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) 
             ax.errorbar(xs, ys, yerr=se, fmt=style, color=color, capsize=3, label=f"{label}, ± paired standard error of its gain")
         else:
             ax.plot(xs, ys, style, color=color, label=label)
-    ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: never over a curve
     ax.set_title("GRPO reward")
+    if monitors:
+        ax.legend(fontsize="small", loc="best")
+    else:
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)  # below: never over a curve
     return save_figure(fig, path)
+
+
+def monitor_labels_in(rows: list[dict[str, Any]]) -> list[str]:
+    """Labels of the monitor rewards (``monitor_<label>_reward``) the rows log, in first-seen order."""
+    labels: list[str] = []
+    for row in rows:
+        for key in row:
+            if key.startswith("monitor_") and key.endswith("_reward") and key[8:-7] not in labels:
+                labels.append(key[8:-7])
+    return labels
+
+
+def _plot_monitors(ax: Any, rows: list[dict[str, Any]], labels: list[str]) -> None:
+    """Each monitor reward at every evaluation (the base at iteration 0), with the paired standard
+    error of its gain, and a red band at each evaluation that warned of reward hacking."""
+    cmap = plt.get_cmap("tab10")
+    for i, label in enumerate(labels):
+        points = _eval_points(rows, f"monitor_{label}")
+        if not points:
+            continue
+        xs, ys, se = zip(*points)
+        yerr = [v if math.isfinite(v) else 0.0 for v in se]
+        ax.errorbar(xs, ys, yerr=yerr, fmt="o-", color=cmap((i + 3) % 10), capsize=3, label=f"monitor {label}")
+    warned = [r["iteration"] + 1 for r in rows if r.get("reward_hacking")]
+    for k, x in enumerate(warned):
+        ax.axvline(x, color="red", alpha=0.35, linewidth=6, label="reward-hacking warning" if k == 0 else None)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("monitor reward")
+    ax.set_title("Monitor rewards (ODE eval, never trained on; ± paired standard error of the gain)", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
 
 
 def _eval_points(rows: list[dict[str, Any]], prefix: str) -> list[tuple[int, float, float]]:
@@ -108,4 +148,82 @@ def plot_calibration(history: list[dict[str, Any]], path: Path, uniform: float |
     ax.set_title("Reward-aware calibration (DenseGRPO Algorithm 1)")
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, path)
+
+
+STEP_PANELS = (
+    ("dense_gain_mean", "dense gain mean  dR_k"),
+    ("dense_gain_pos_frac", "share of positive gains"),
+    ("noise_level", "noise level  psi_k"),
+    ("grad_norm_per_step", "gradient norm of step k's loss"),
+    ("clipfrac_per_step", "clip fraction"),
+)
+"""Per-step metrics (lists ``(T,)`` in metrics.jsonl) the diagnostics page draws, with their titles."""
+
+
+def step_windows(rows: list[dict[str, Any]], ends: list[int] | None = None) -> list[tuple[int, int, list[dict[str, Any]]]]:
+    """The rows cut at the evaluations: ``(first, last, rows)`` per window, one window ending at
+    each row that logged ``eval_reward`` (and one at the last row); ``ends`` overrides the cuts."""
+    if ends is None:
+        ends = [i for i, r in enumerate(rows) if "eval_reward" in r]
+    if not ends or ends[-1] != len(rows) - 1:
+        ends = [*ends, len(rows) - 1]
+    windows, start = [], 0
+    for end in ends:
+        if end >= start:
+            windows.append((rows[start]["iteration"], rows[end]["iteration"], rows[start : end + 1]))
+            start = end + 1
+    return windows
+
+
+def _step_mean(rows: list[dict[str, Any]], key: str) -> np.ndarray | None:
+    """Mean over ``rows`` of the per-step list ``key`` ``(T,)`` (NaN where no row has a value)."""
+    lists = [r[key] for r in rows if isinstance(r.get(key), list)]
+    if not lists:
+        return None
+    width = max(len(v) for v in lists)
+    values = np.full((len(lists), width), np.nan)
+    for i, v in enumerate(lists):
+        values[i, : len(v)] = [np.nan if x is None else x for x in v]
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(values)
+        total = np.where(finite, values, 0.0).sum(0)
+        count = finite.sum(0)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def plot_step_diagnostics(rows: list[dict[str, Any]], path: Path, max_lines: int = 8) -> Path:
+    """One panel per metric of :data:`STEP_PANELS` against the step index k (0 = pure noise):
+    each line is its mean over one evaluation window (:func:`step_windows`), coloured from the
+    first window (dark) to the latest (bright); at most ``max_lines`` windows, the latest kept.
+    A metric the rows do not log (a sparse run has no dense gains) leaves its panel empty, saying so."""
+    windows = step_windows(rows)
+    if len(windows) > max_lines:  # keep the first and the most recent ones
+        windows = [windows[0], *windows[-(max_lines - 1):]]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    cmap = plt.get_cmap("viridis")
+    for ax, (key, title) in zip(axes.flat, STEP_PANELS):
+        drawn = False
+        for i, (first, last, chunk) in enumerate(windows):
+            values = _step_mean(chunk, key)
+            if values is None or not np.isfinite(values).any():
+                continue
+            color = cmap(i / max(len(windows) - 1, 1))
+            ax.plot(np.arange(len(values)), values, "o-", color=color, markersize=3, label=f"it {first + 1}-{last + 1}")
+            drawn = True
+        if key == "dense_gain_mean" and drawn:
+            ax.axhline(0.0, color="black", linewidth=0.8)
+        if not drawn:
+            ax.text(0.5, 0.5, f"{key}: not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("step k")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    legend_ax = axes.flat[-1]
+    legend_ax.axis("off")
+    handles, labels = next(((a.get_legend_handles_labels()) for a in axes.flat if a.get_legend_handles_labels()[0]), ([], []))
+    if handles:
+        legend_ax.legend(handles, labels, title="iterations (mean per window)", loc="center", fontsize="small")
+    fig.suptitle("Per-step diagnostics")
+    fig.tight_layout()
     return save_figure(fig, path)

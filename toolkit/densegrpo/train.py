@@ -199,12 +199,12 @@ def _train(config: cfg.RunConfig, run_dir: Path, resume: bool, world: World, com
     with writer_lock(run_dir) if world.is_main else nullcontext():
         if world.is_main and not resume and (run_dir / "metrics.jsonl").exists():
             raise UserError(f"'{run_dir}' already holds a run; pass --resume {run_dir} to continue it or choose another --out")
+        hooks = run_hooks(config, extra_hooks)  # before the weights load: a hook missing its package fails at once
         run = Run(config, run_dir, world, components)
         if resume:
             checkpoints.restore_latest(run, fallback)
         if world.is_main:  # after the checkpoint loaded: a resume that fails leaves the folder as it was
             save_run_config(run_dir, config)
-        hooks = run_hooks(config, extra_hooks)
         # From here on SIGTERM/SIGINT end the iteration under way, checkpoint and stop.
         with Preemption(run_dir) as preemption:
             for hook in hooks:

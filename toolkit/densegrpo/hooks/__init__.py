@@ -10,10 +10,11 @@ inherit). The run calls, for every hook in order:
   also when a signal stops the run early (:mod:`densegrpo.preemption`), with
   ``summary["stopped_by"]`` naming the signal.
 
-The order is: calibration, evaluation, sample grids, then the hooks a user adds (``hooks:``
-in the config, or ``run_training(..., hooks=[...])``), then metrics, TensorBoard,
-checkpoints and progress, so a user hook's keys reach ``metrics.jsonl`` and a checkpoint is
-written only after its iteration's metrics line. Each hook owns its share of the totals:
+The order is: calibration, evaluation (with the monitor rewards), sample grids, then the
+hooks a user adds (``hooks:`` in the config, or ``run_training(..., hooks=[...])``), then
+metrics, TensorBoard, per-step diagnostics, Weights & Biases, checkpoints and progress, so a
+user hook's keys reach ``metrics.jsonl`` (and W&B) and a checkpoint is written only after its
+iteration's metrics line. Each hook owns its share of the totals:
 calibration adds its rounds' NFE and seconds; evaluation and pictures count only in
 ``elapsed_s``. Writing a hook: CONTRIBUTING.md.
 """
@@ -50,14 +51,24 @@ def run_hooks(config: "RunConfig", extra: list[Any]) -> list[Any]:
     from densegrpo import registry
     from densegrpo.hooks.calibration import CalibrationHook
     from densegrpo.hooks.checkpoints import CheckpointHook
+    from densegrpo.hooks.diagnostics import StepDiagnosticsHook
     from densegrpo.hooks.evaluation import EvaluationHook
     from densegrpo.hooks.metrics import MetricsHook
     from densegrpo.hooks.progress import ProgressHook
     from densegrpo.hooks.samples import SampleGridHook
     from densegrpo.hooks.tensorboard import TensorBoardHook
+    from densegrpo.hooks.weights_and_biases import WandbHook
     from densegrpo.protocols import conform
 
     configured = [conform("hooks", registry.load("hooks", spec.name, spec.config)) for spec in config.hooks]
     user = configured + [conform("hooks", hook) for hook in extra]
-    after = [MetricsHook(), *([TensorBoardHook()] if config.logging.tensorboard else []), CheckpointHook(), ProgressHook()]
+    logging = config.logging
+    after = [
+        MetricsHook(),
+        *([TensorBoardHook()] if logging.tensorboard else []),
+        *([StepDiagnosticsHook()] if logging.step_diagnostics else []),
+        *([WandbHook(logging.wandb)] if logging.wandb.enabled else []),
+        CheckpointHook(),
+        ProgressHook(),
+    ]
     return [CalibrationHook(), EvaluationHook(), SampleGridHook(), *user, *after]

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from densegrpo.batches import prompt_metadata
 from densegrpo.evaluate import generate, paired_gain
 from densegrpo.grpo import nanmean
+from densegrpo.monitors import HACKING_KEY, Monitors, hacking, warn_hacking
 
 if TYPE_CHECKING:
     from densegrpo.train import Run
@@ -31,6 +33,16 @@ def eval_scores(run: "Run", split: str = "test") -> torch.Tensor | None:
     ``"train"``: the training prompts, ``train_eval_images_per_prompt`` each (``train_eval_reward``).
     ``None`` when that evaluation is off.
     """
+    evaluated = eval_samples(run, split)
+    if evaluated is None:
+        return None
+    records, images = evaluated
+    return run.records_scorer(records).weighted(images, torch.arange(len(records))).float()
+
+
+def eval_samples(run: "Run", split: str = "test") -> tuple[list[dict[str, Any]], torch.Tensor] | None:
+    """The prompt records (one per image) and ODE images ``(M,3,H,W)`` :func:`eval_scores` scores,
+    or ``None`` when that evaluation is off."""
     logging = run.config.logging
     source, per_prompt = {
         "test": (run.test_records, logging.eval_images_per_prompt),
@@ -40,8 +52,7 @@ def eval_scores(run: "Run", split: str = "test") -> torch.Tensor | None:
     if count == 0 or per_prompt == 0:
         return None
     records = [r for r in source[:count] for _ in range(per_prompt)]
-    images = eval_images(run, [r["prompt"] for r in records])
-    return run.records_scorer(records).weighted(images, torch.arange(len(records))).float()
+    return records, eval_images(run, [r["prompt"] for r in records])
 
 
 def eval_images(run: "Run", prompts: list[str]) -> torch.Tensor:
@@ -72,37 +83,78 @@ def load_eval_base(run_dir: Path, prefix: str = "eval") -> torch.Tensor | None:
 class EvaluationHook:
     """Scores the base policy before training (or reads its scores back on resume), then every
     ``logging.sample_every`` iterations and at the end logs ``<prefix>_reward`` and the paired
-    ``<prefix>_gain`` +- ``<prefix>_gain_se`` for each evaluation of :data:`EVALUATIONS`."""
+    ``<prefix>_gain`` +- ``<prefix>_gain_se`` for each evaluation of :data:`EVALUATIONS`.
+
+    The monitor rewards (``logging.monitor_rewards``, :mod:`densegrpo.monitors`) score the same
+    held-out images as ``eval_reward``; an evaluation where the trained reward rose and a monitor
+    fell adds ``reward_hacking`` (the monitors' labels) to its record and warns once."""
 
     def __init__(self) -> None:
         self.base: dict[str, torch.Tensor | None] = {prefix: None for prefix in EVALUATIONS}
+        self.monitors: Monitors | None = None
 
     def before_training(self, run: "Run") -> None:
         if not run.shares_rank0_work:
             return
+        self.monitors = Monitors.build(run.config.logging.monitor_rewards)
         fresh = run.iteration == 0
         for prefix, split in EVALUATIONS.items():
-            self.base[prefix] = eval_scores(run, split) if fresh else load_eval_base(run.run_dir, prefix)
-            if self.base[prefix] is not None and fresh and run.world.is_main:
+            if not fresh:
+                self.base[prefix] = load_eval_base(run.run_dir, prefix)
+                continue
+            evaluated = self.evaluate(run, split)
+            if evaluated is None:
+                continue
+            self.base[prefix], monitored = evaluated
+            if monitored:
+                self.monitors.base = monitored
+            if run.world.is_main:
                 save_eval_base(run.run_dir, self.base[prefix], prefix)
+                if monitored:
+                    self.monitors.save_base(run.run_dir)
+        if not fresh:
+            self.monitors.load_base(run.run_dir)
+
+    def evaluate(self, run: "Run", split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """Per-image rewards of evaluation ``split`` and, on the held-out prompts, of each monitor."""
+        evaluated = eval_samples(run, split)
+        if evaluated is None:
+            return None
+        records, images = evaluated
+        scores = run.records_scorer(records).weighted(images, torch.arange(len(records))).float()
+        monitored = {}
+        if split == "test" and self.monitors:
+            monitored = self.monitors.score(images, [r["prompt"] for r in records], [prompt_metadata(r) for r in records])
+        return scores, monitored
 
     def after_iteration(self, run: "Run", record: dict[str, Any]) -> None:
         if record["iteration"] == 0:
             for prefix, base in self.base.items():
                 if base is not None:
                     record[f"{prefix}_reward_base"] = nanmean(base)
+            if self.monitors:
+                record.update(self.monitors.base_record())
         if not (run.shares_rank0_work and run.due(run.config.logging.sample_every)):
             return
         for prefix, split in EVALUATIONS.items():
-            scores = eval_scores(run, split)
-            if scores is None:
+            evaluated = self.evaluate(run, split)
+            if evaluated is None:
                 continue
+            scores, monitored = evaluated
             record[f"{prefix}_reward"] = nanmean(scores)
             base = self.base[prefix]
             if base is not None and base.shape == scores.shape:
                 paired = paired_gain(base, scores)
                 record[f"{prefix}_gain"] = paired.gain
                 record[f"{prefix}_gain_se"] = paired.se
+            if monitored:
+                record.update(self.monitors.record(monitored))
+        if self.monitors:
+            fell = hacking(record, list(self.monitors.rewards), run.config.logging.monitor_warn_se)
+            if fell:
+                record[HACKING_KEY] = fell
+                if run.world.is_main:
+                    warn_hacking(record, fell)
 
     def after_training(self, run: "Run", summary: dict[str, Any]) -> None:
         pass

@@ -1,0 +1,141 @@
+"""Monitor rewards (``logging.monitor_rewards``): rewards scored on the evaluation's images and
+never trained on, paired with the base policy's images, and the reward-hacking warning.
+
+Reward hacking shows as a trained reward that keeps rising while what it stood for falls
+(grids and blur under an aesthetic reward: Flow-GRPO issues #92 and #233). A monitor is a
+second reward that watches the same ODE images as ``eval_reward``; :func:`hacking` flags an
+evaluation where the trained reward's paired gain is above ``+K`` standard errors while a
+monitor's is below ``-K``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from densegrpo.build import WeightedReward, build_rewards
+from densegrpo.config import RewardSpec
+from densegrpo.evaluate import paired_gain
+from densegrpo.protocols import conform
+from densegrpo.reward_scorer import score_one
+
+MONITOR_BASE = "eval_monitor_base.json"
+"""Per-image monitor scores of the untrained policy, by monitor label, kept for a resumed run."""
+HACKING_KEY = "reward_hacking"
+"""Metric of an evaluation that warned: the labels of the monitors that fell."""
+
+
+class RewardHackingWarning(UserWarning):
+    """The trained reward rose while a monitor reward fell, each beyond its standard error."""
+
+
+def monitor_labels(specs: list[RewardSpec]) -> list[str]:
+    """One metric-safe label per monitor: the reward's name (``module:attr`` -> ``attr``) with
+    every other character than letters and digits as ``_``; a repeated name gets ``_2``, ``_3``."""
+    labels: list[str] = []
+    for spec in specs:
+        base = re.sub(r"[^0-9A-Za-z]+", "_", spec.name.rsplit(":", 1)[-1]).strip("_").lower() or "reward"
+        label, count = base, 1
+        while label in labels:
+            count += 1
+            label = f"{base}_{count}"
+        labels.append(label)
+    return labels
+
+
+@dataclass
+class Monitors:
+    """The run's monitor rewards, by label, and the base policy's scores of each."""
+
+    rewards: dict[str, WeightedReward]
+    base: dict[str, Tensor]
+
+    @classmethod
+    def build(cls, specs: list[RewardSpec]) -> "Monitors":
+        rewards = build_rewards(specs)
+        for reward in rewards:
+            conform("rewards", reward.model)
+        return cls(dict(zip(monitor_labels(specs), rewards)), {})
+
+    def __bool__(self) -> bool:
+        return bool(self.rewards)
+
+    def score(self, images: Tensor, prompts: list[str], metadata: list[dict[str, Any] | None]) -> dict[str, Tensor]:
+        """``(M,)`` float32 scores of every monitor for the evaluation ``images (M,3,H,W)``."""
+        return {label: score_one(reward, images, prompts, metadata) for label, reward in self.rewards.items()}
+
+    def record(self, scores: dict[str, Tensor]) -> dict[str, float]:
+        """``monitor_<label>_reward`` and, against the base, ``_gain`` +- ``_gain_se`` (paired image by image)."""
+        out: dict[str, float] = {}
+        for label, values in scores.items():
+            out[f"monitor_{label}_reward"] = _nanmean(values)
+            base = self.base.get(label)
+            if base is not None and base.shape == values.shape:
+                paired = paired_gain(base, values)
+                out[f"monitor_{label}_gain"] = paired.gain
+                out[f"monitor_{label}_gain_se"] = paired.se
+        return out
+
+    def base_record(self) -> dict[str, float]:
+        """``monitor_<label>_reward_base`` of every monitor whose base scores are known."""
+        return {f"monitor_{label}_reward_base": _nanmean(base) for label, base in self.base.items()}
+
+    def save_base(self, run_dir: Path) -> None:
+        """Write the base scores (NaN as null) to ``run_dir/eval_monitor_base.json``, atomically."""
+        data = {label: [None if math.isnan(v) else v for v in base.double().tolist()] for label, base in self.base.items()}
+        path = Path(run_dir) / MONITOR_BASE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"scores": data}), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def load_base(self, run_dir: Path) -> None:
+        """Read back what :meth:`save_base` wrote; a monitor added on resume has no base (no gain)."""
+        path = Path(run_dir) / MONITOR_BASE
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text(encoding="utf-8"))["scores"]
+        self.base = {
+            label: torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
+            for label, values in saved.items()
+            if label in self.rewards
+        }
+
+
+def hacking(record: dict[str, Any], labels: list[str], k: float = 1.0) -> list[str]:
+    """The monitors of ``labels`` that fell while the trained reward rose in one evaluation's
+    ``record``: ``eval_gain > k * eval_gain_se`` and ``monitor_<label>_gain < -k * its _gain_se``."""
+    gain, se = record.get("eval_gain"), record.get("eval_gain_se")
+    if gain is None or se is None or not (math.isfinite(gain) and math.isfinite(se)) or gain <= k * se:
+        return []
+    fell = []
+    for label in labels:
+        m_gain, m_se = record.get(f"monitor_{label}_gain"), record.get(f"monitor_{label}_gain_se")
+        if m_gain is not None and m_se is not None and math.isfinite(m_gain) and math.isfinite(m_se) and m_gain < -k * m_se:
+            fell.append(label)
+    return fell
+
+
+def warn_hacking(record: dict[str, Any], fell: list[str]) -> None:
+    """One :class:`RewardHackingWarning` naming the iteration, the trained gain and each fallen monitor."""
+    falls = ", ".join(f"{label} {record[f'monitor_{label}_gain']:+.4f} ± {record[f'monitor_{label}_gain_se']:.4f}" for label in fell)
+    warnings.warn(
+        f"iteration {record['iteration']}: possible reward hacking: the trained reward rose (eval_gain "
+        f"{record['eval_gain']:+.4f} ± {record['eval_gain_se']:.4f}) while monitor reward(s) fell: {falls}; look at "
+        "the sample grids, and consider a larger train.beta (KL to the base) or an earlier checkpoint",
+        RewardHackingWarning,
+        stacklevel=2,
+    )
+
+
+def _nanmean(values: Tensor) -> float:
+    valid = values[~torch.isnan(values)]
+    return float(valid.mean()) if valid.numel() else math.nan
