@@ -278,6 +278,17 @@ def evaluate(
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `densegrpo train` (finished or still training)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the HTML page (default: RUN_DIR/report.html)."),
+) -> None:
+    """Print a run's summary table and write one HTML page with its curves, per-step diagnostics and latest sample grids."""
+    from densegrpo.report import report_from_cli
+
+    typer.echo(str(report_from_cli(run_dir, out)))
+
+
 @bench_app.command("sparse-vs-dense")
 def bench_sparse_vs_dense(
     config: Optional[Path] = typer.Argument(None, help="A run configuration to compare the arms on (its own policy, rewards and sizes); default: the --world."),
