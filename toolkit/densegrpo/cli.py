@@ -294,7 +294,7 @@ def bench_sparse_vs_dense(
     config: Optional[Path] = typer.Argument(None, help="A run configuration to compare the arms on (its own policy, rewards and sizes); default: the --world."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per arm (default 5, 10 in the lab world; 1 with --quick)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="GRPO iterations per run (default: the profile's, or CONFIG's own)."),
-    reward: list[str] = typer.Option([], "--reward", help="Toy world: reward(s) to run on (default: toy-geneval and toy-clip)."),
+    reward: list[str] = typer.Option([], "--reward", help="Toy world: reward(s) to run on, repeatable (default: toy-geneval; add --reward toy-clip for the second toy reward)."),
     out: Path = typer.Option(Path("bench-sparse-vs-dense"), "--out", help="Output folder."),
     world: str = typer.Option("toy", "--world", help="Built-in world: toy (the toy text-to-image policy) or lab (the seconds-fast credit-assignment lab)."),
     quick: bool = typer.Option(False, "--quick", help="Smoke profile: 2 iterations (in the toy world also small batches; <= 5 min)."),
