@@ -13,7 +13,7 @@ from densegrpo.errors import ConfigError, DuplicateComponentError, PluginImportE
 from conftest import make_fake_distribution
 
 BUILTINS = {
-    "policies": {"toy", "toy-latent", "sd3", "flux", "wan", "qwen-image", "flux2"},
+    "policies": {"toy", "toy-latent", "sd3", "flux", "wan", "qwen-image", "flux2", "z-image"},
     "samplers": {"ode", "flow-sde", "cps", "sde-window", "coarse-sde"},
     "rewards": {"toy-geneval", "toy-clip", "video-frames"},
     "advantages": {"sparse", "dense", "dense-raw", "dense-return"},
