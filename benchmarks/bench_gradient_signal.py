@@ -10,7 +10,12 @@ surrogate ``-mean(A_k * ratio_k)`` with respect to the LoRA weights separately f
 ``k``, with sparse (Flow-GRPO) and dense (DenseGRPO) advantages from the same rollout. It prints:
 
 * the mean gradient norm per step (late, low-noise steps have large ``1/std`` scores);
-* the cosine between the gradients of independent batches, per step and summed over step ranges.
+* the cosine between the gradients of independent batches, per step and summed over step ranges;
+* the cosine of the summed gradients under the peers' per-step controls, to first order (at the
+  rollout's own weights, where every ratio is 1): RatioNorm scales step ``k``'s gradient by its
+  transition std ``s_k`` (the gradient of ``exp(s_k (log_ratio - E_old))`` at ratio 1, the centring
+  term's gradient being 0 there), GRPO-Guard's weights with RatioNorm by ``s_k / (-dt_k)``, and
+  TempFlow-GRPO's weights by ``s_k / mean(s)``, the same direction as RatioNorm's.
 
 Two gradients that estimate the same true gradient agree (cosine > 0) once the signal beats
 the sampling noise; cosines scattered around 0 mean one batch's update is mostly noise. This is
@@ -72,6 +77,20 @@ def step_gradients(trainer, scored, advantages: dict[str, torch.Tensor], steps: 
     return {name: torch.stack(rows) for name, rows in per.items()}
 
 
+def control_weights(sigmas: torch.Tensor, step_std: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{control: (T,) weights}``: the first-order factor each per-step control puts on step
+    ``k``'s gradient (module docstring); ``sigmas (T+1,)``, ``step_std (T,)``."""
+    from densegrpo.step_weighting import step_weights
+
+    every = torch.ones_like(step_std, dtype=torch.bool)
+    return {
+        "plain": torch.ones_like(step_std),
+        "ratio-norm": step_std,
+        "grpo-guard (ratio-norm + 1/(-dt))": step_std * step_weights(sigmas, step_std, every, "grpo-guard"),
+        "tempflow": step_weights(sigmas, step_std, every, "tempflow"),
+    }
+
+
 def mean_pairwise_cosine(vectors: list[torch.Tensor]) -> tuple[float, list[float]]:
     values = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(vectors, 2)]
     return sum(values) / len(values), values
@@ -107,12 +126,14 @@ def main() -> None:
     )
     estimators = {name: registry.load("advantages", name) for name in ("sparse", "dense")}
     gradients: dict[str, list[torch.Tensor]] = {name: [] for name in estimators}
+    step_std = None
     with TemporaryDirectory() as run_dir:
         trainer = Run(config, Path(run_dir))
         for b in range(args.batches):
             started = time.perf_counter()
             iteration = 1000 + b  # away from the iterations of a default run
             batch, scored, advantages = rollout_with_advantages(trainer, iteration, args.groups, args.group_size, args.same_noise, estimators)
+            step_std = scored.traj.step_std.detach().float().cpu()
             for name, grads in step_gradients(trainer, scored, advantages).items():
                 gradients[name].append(grads)
             print(f"batch {b}: {len(batch.prompts)} samples, reward {float(scored.terminal.mean()):.3f}, {time.perf_counter() - started:.0f} s", flush=True)
@@ -126,7 +147,10 @@ def main() -> None:
         norms = stacked.norm(dim=2).mean(0)
         per_step = [mean_pairwise_cosine([g[k] for g in batches])[0] for k in range(T)]
         summed = {f"steps {lo}-{hi - 1}": mean_pairwise_cosine([g[lo:hi].sum(0) for g in batches]) for lo, hi in ranges}
-        report[name] = {"norm_per_step": norms.tolist(), "cosine_per_step": per_step, "cosine_summed": summed}
+        weights = control_weights(trainer.sigmas.detach().float().cpu(), step_std)
+        controlled = {control: mean_pairwise_cosine([(w[:, None] * g).sum(0) for g in batches]) for control, w in weights.items()}
+        report[name] = {"norm_per_step": norms.tolist(), "cosine_per_step": per_step, "cosine_summed": summed,
+                        "cosine_summed_under_control": controlled}
         print(f"\n{name}")
         print("| step | " + " | ".join(str(k) for k in range(T)) + " |")
         print("|---" * (T + 1) + "|")
@@ -134,6 +158,8 @@ def main() -> None:
         print("| cosine | " + " | ".join(f"{v:+.2f}" for v in per_step) + " |")
         for label, (mean, values) in summed.items():
             print(f"{label}: mean cosine {mean:+.3f}  pairs {[round(v, 2) for v in values]}")
+        for control, (mean, values) in controlled.items():
+            print(f"all steps, {control} weights: mean cosine {mean:+.3f}  pairs {[round(v, 2) for v in values]}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
