@@ -94,6 +94,8 @@ def test_hacked_colour_reward_warns_on_a_real_run(tmp_path):
     hacked = [w for w in caught if issubclass(w.category, RewardHackingWarning)]
     assert len(hacked) == 1 and "iteration 1" in str(hacked[0].message) and "blueshare" in str(hacked[0].message)
     assert (run / "reward_curve.png").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["reward_hacking_iterations"] == [1] and summary["monitor_blueshare_gain_final"] == last["monitor_blueshare_gain"]
 
 
 def test_describe_lists_the_new_options():

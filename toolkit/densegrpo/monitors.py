@@ -110,6 +110,34 @@ class Monitors:
         }
 
 
+def logged_monitors(rows: list[dict[str, Any]]) -> list[str]:
+    """Labels of the monitors (``monitor_<label>_reward``) metrics ``rows`` log, in first-seen order."""
+    labels: list[str] = []
+    for row in rows:
+        for key in row:
+            if key.startswith("monitor_") and key.endswith("_reward") and key[8:-7] not in labels:
+                labels.append(key[8:-7])
+    return labels
+
+
+def monitor_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """For ``summary.json``: each monitor's base, final reward and final paired gain, and the
+    iterations whose evaluation warned of reward hacking (empty without monitors)."""
+    labels = logged_monitors(rows)
+    if not labels:
+        return {}
+    out: dict[str, Any] = {}
+    for label in labels:
+        prefix = f"monitor_{label}"
+        final = [r for r in rows if f"{prefix}_reward" in r][-1]
+        out[f"{prefix}_reward_base"] = next((r[f"{prefix}_reward_base"] for r in rows if f"{prefix}_reward_base" in r), None)
+        out[f"{prefix}_reward_final"] = final[f"{prefix}_reward"]
+        out[f"{prefix}_gain_final"] = final.get(f"{prefix}_gain")
+        out[f"{prefix}_gain_se_final"] = final.get(f"{prefix}_gain_se")
+    out["reward_hacking_iterations"] = [r["iteration"] for r in rows if r.get(HACKING_KEY)]
+    return out
+
+
 def hacking(record: dict[str, Any], labels: list[str], k: float = 1.0) -> list[str]:
     """The monitors of ``labels`` that fell while the trained reward rose in one evaluation's
     ``record``: ``eval_gain > k * eval_gain_se`` and ``monitor_<label>_gain < -k * its _gain_se``."""

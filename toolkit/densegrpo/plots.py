@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from densegrpo.monitors import logged_monitors  # noqa: E402
+
 
 def save_figure(fig: Any, path: Path, dpi: int = 120, bbox_inches: str | None = "tight") -> Path:
     """Write ``fig`` to ``path`` through a temporary file (a reader never sees half a PNG) and
@@ -60,7 +62,7 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) 
     of the mean."""
     iterations = np.array([r["iteration"] + 1 for r in rows])
     mean = np.array([r["reward_mean"] for r in rows], dtype=float)
-    monitors = monitor_labels_in(rows)
+    monitors = logged_monitors(rows)
     if monitors:  # a second panel: monitors have scales of their own
         fig, (ax, watch) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
         _plot_monitors(watch, rows, monitors)
@@ -94,16 +96,6 @@ def plot_reward_curve(rows: list[dict[str, Any]], path: Path, window: int = 10) 
     return save_figure(fig, path)
 
 
-def monitor_labels_in(rows: list[dict[str, Any]]) -> list[str]:
-    """Labels of the monitor rewards (``monitor_<label>_reward``) the rows log, in first-seen order."""
-    labels: list[str] = []
-    for row in rows:
-        for key in row:
-            if key.startswith("monitor_") and key.endswith("_reward") and key[8:-7] not in labels:
-                labels.append(key[8:-7])
-    return labels
-
-
 def _plot_monitors(ax: Any, rows: list[dict[str, Any]], labels: list[str]) -> None:
     """Each monitor reward at every evaluation (the base at iteration 0), with the paired standard
     error of its gain, and a red band at each evaluation that warned of reward hacking."""
@@ -114,7 +106,7 @@ def _plot_monitors(ax: Any, rows: list[dict[str, Any]], labels: list[str]) -> No
             continue
         xs, ys, se = zip(*points)
         yerr = [v if math.isfinite(v) else 0.0 for v in se]
-        ax.errorbar(xs, ys, yerr=yerr, fmt="o-", color=cmap((i + 3) % 10), capsize=3, label=f"monitor {label}")
+        ax.errorbar(xs, ys, yerr=yerr, fmt="o-", color=cmap((i + 4) % 10), capsize=3, label=f"monitor {label}")
     warned = [r["iteration"] + 1 for r in rows if r.get("reward_hacking")]
     for k, x in enumerate(warned):
         ax.axvline(x, color="red", alpha=0.35, linewidth=6, label="reward-hacking warning" if k == 0 else None)

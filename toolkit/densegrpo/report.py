@@ -19,6 +19,7 @@ from densegrpo import plots
 from densegrpo.errors import UserError
 from densegrpo.hooks.diagnostics import read_metrics
 from densegrpo.hooks.metrics import METRICS
+from densegrpo.monitors import logged_monitors
 from densegrpo.runs import CONFIG_FILE
 
 REPORT = "report.html"
@@ -101,12 +102,12 @@ def summary_table(run: RunFolder) -> list[tuple[str, str]]:
             continue
         table.append((f"{name}, base -> last", f"{_number(_first(rows, f'{prefix}_reward_base'))} -> {_number(_last(rows, f'{prefix}_reward'))}"))
         table.append((f"{name}, paired gain", _gain(rows, prefix)))
-    for label in plots.monitor_labels_in(rows):
+    for label in logged_monitors(rows):
         prefix = f"monitor_{label}"
         table.append((f"monitor {label}, base -> last", f"{_number(_first(rows, f'{prefix}_reward_base'))} -> {_number(_last(rows, f'{prefix}_reward'))}"))
         table.append((f"monitor {label}, paired gain", _gain(rows, prefix)))
     warned = [r["iteration"] for r in rows if r.get("reward_hacking")]
-    if plots.monitor_labels_in(rows):
+    if logged_monitors(rows):
         table.append(("reward-hacking warnings", f"{len(warned)} (iterations {', '.join(str(i) for i in warned)})" if warned else "0"))
     table += [
         ("NFE, total", _number(last.get("nfe_total"))),

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from densegrpo import plots
 from densegrpo.hooks.evaluation import EVALUATIONS
+from densegrpo.monitors import monitor_summary
 
 if TYPE_CHECKING:
     from densegrpo.train import Run
@@ -51,7 +52,7 @@ def evaluation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 class MetricsHook:
     """Stamps each record with the run's clocks and appends it to ``metrics.jsonl`` (rank 0); at
-    the end draws ``reward_curve.png`` and writes ``summary.json``. A resumed run first drops
+    the end draws ``reward_curve.png`` and writes ``summary.json`` (with the monitors' finals). A resumed run first drops
     the lines past its checkpoint."""
 
     def before_training(self, run: "Run") -> None:
@@ -75,4 +76,5 @@ class MetricsHook:
             plots.plot_reward_curve(rows, run.run_dir / "reward_curve.png")
             summary.update({"reward_first": rows[0]["reward_mean"], "reward_last": rows[-1]["reward_mean"]})
             summary.update(evaluation_summary(rows))
+            summary.update(monitor_summary(rows))
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
