@@ -1,6 +1,7 @@
-"""Do the peers' per-step controls help? Each one against the plain recipe, in the credit-assignment lab.
+"""Do the peers' per-step controls help? Each one against the plain recipe, in the lab or the toy world.
 
     python benchmarks/bench_controls.py --out benchmarks/results/controls --seeds 10
+    python benchmarks/bench_controls.py --world toy --out benchmarks/results/controls-toy --seeds 5 --jobs 2
 
 The controls of train.ratio_norm, train.step_weighting and the ``dance-sde`` sampler (method.md
 section 2, per-step controls) are each switched on alone in the lab world (``--world lab``'s
@@ -32,18 +33,31 @@ CONTROLS = {
 ARMS = ("flow-grpo", "densegrpo")
 
 
-def control_config(folder: Path, overrides: list[str]) -> Path:
-    """Write the lab's run config with ``overrides`` applied; returns its path."""
-    from densegrpo import config as cfg
+def world_overrides(world: str) -> list[str]:
+    """The ``--set`` overrides of the benchmark's run in ``world``: ``lab`` (``--world lab``) or
+    ``toy`` (the default profile on toy-geneval, the calibrator sized as its calibrated arms)."""
+    from densegrpo.bench.arms import PROFILES, toy_overrides
     from densegrpo.bench.lab import lab_overrides
+
+    if world == "lab":
+        return lab_overrides()
+    profile = PROFILES["default"]
+    return [*toy_overrides("toy-geneval", profile, profile.iterations), f"calibrator.config.max_rounds={profile.calibration_rounds}",
+            f"calibrator.config.samples_per_round={profile.calibration_samples}"]
+
+
+def control_config(folder: Path, world: str, overrides: list[str]) -> Path:
+    """Write ``world``'s benchmark run config with ``overrides`` applied; returns its path."""
+    from densegrpo import config as cfg
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg.resolve(None, [*lab_overrides(), *overrides]).model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    resolved = cfg.resolve(None, [*world_overrides(world), *overrides])
+    path.write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
     return path
 
 
-def run_control(out: Path, name: str, seeds: int) -> dict[str, list[float]]:
+def run_control(out: Path, world: str, name: str, seeds: int, jobs: int) -> dict[str, list[float]]:
     """Both arms with control ``name`` (resumed when its folder holds a started benchmark);
     returns ``{arm: held-out reward per seed 0..K-1}``."""
     from densegrpo.bench.orchestrate import read_results, run_sparse_vs_dense
@@ -53,7 +67,8 @@ def run_control(out: Path, name: str, seeds: int) -> dict[str, list[float]]:
     if (bench / "results.json").exists():
         run_sparse_vs_dense(out=bench, resume=True, costs=False)
     else:
-        run_sparse_vs_dense(seeds=seeds, arms=list(ARMS), out=bench, config=control_config(folder, CONTROLS[name][1]), costs=False)
+        run_sparse_vs_dense(seeds=seeds, arms=list(ARMS), out=bench, config=control_config(folder, world, CONTROLS[name][1]), costs=False,
+                            workers=jobs)
     (runs,) = read_results(bench)["runs"].values()
     return {arm: [r["eval_final"] for r in runs[arm]] for arm in ARMS}
 
@@ -75,10 +90,17 @@ def compare(rewards: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, d
     return table
 
 
-def markdown(table: dict, seeds: int) -> str:
-    lines = ["# The peers' per-step controls in the credit-assignment lab", "",
-             f"Made by `python benchmarks/bench_controls.py --seeds {seeds}`: the lab world of `densegrpo bench sparse-vs-dense "
-             "--world lab` (d = 32, T = 16, reward at the middle stage, 20 iterations of 64 samples), each control switched "
+WORLD_TEXT = {
+    "lab": ("in the credit-assignment lab", "the lab world of `densegrpo bench sparse-vs-dense --world lab` (d = 32, T = 16, reward "
+            "at the middle stage, 20 iterations of 64 samples)"),
+    "toy": ("in the toy world", "the toy world of `densegrpo bench sparse-vs-dense` (the main job's policy, toy-geneval, 32 "
+            "iterations of 128 samples, 81 held-out prompts x 2 images)"),
+}
+
+
+def markdown(table: dict, seeds: int, world: str, command: str) -> str:
+    lines = [f"# The peers' per-step controls {WORLD_TEXT[world][0]}", "",
+             f"Made by `{command}`: {WORLD_TEXT[world][1]}, each control switched "
              f"on alone; {seeds} seeds per arm, the same seeds (prompts and noise) in every row, so each difference from the "
              "plain recipe is paired by seed. Reward: held-out ODE reward after training (mean ± standard error); difference: "
              "95% CI; verdict as in the benchmark report (holds: above 0, fails: below 0, tie: straddles 0 within ± 0.02). Each "
@@ -97,7 +119,7 @@ def markdown(table: dict, seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, seeds: int, path: Path) -> None:
+def plot(table: dict, seeds: int, world: str, path: Path) -> None:
     """Each control's paired difference from the plain recipe, per arm, with its 95% CI."""
     import matplotlib
 
@@ -114,7 +136,7 @@ def plot(table: dict, seeds: int, path: Path) -> None:
     axis.axhline(0, color="grey", lw=0.8)
     axis.set_xticks(range(len(names)), names)
     axis.set_ylabel("held-out reward, control - plain")
-    axis.set_title(f"Per-step controls in the lab: paired difference over {seeds} seeds (95% CI)")
+    axis.set_title(f"Per-step controls {WORLD_TEXT[world][0]}: paired difference over {seeds} seeds (95% CI)")
     axis.legend()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -124,17 +146,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("controls"))
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--world", choices=list(WORLD_TEXT), default="lab")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes, as the benchmark's --jobs")
     parser.add_argument("--control", action="append", choices=list(CONTROLS), help="run only these (repeatable; plain always runs)")
     args = parser.parse_args()
     names = ["plain", *[n for n in (args.control or CONTROLS) if n != "plain"]]
     rewards = {}
     for name in names:
-        rewards[name] = run_control(args.out, name, args.seeds)
+        rewards[name] = run_control(args.out, args.world, name, args.seeds, args.jobs)
         print(json.dumps({name: {arm: round(float(np.mean(v)), 4) for arm, v in rewards[name].items()}}), flush=True)
     table = compare(rewards)
-    (args.out / "controls.json").write_text(json.dumps({"seeds": args.seeds, "controls": table}, indent=1), encoding="utf-8")
-    (args.out / "controls.md").write_text(markdown(table, args.seeds), encoding="utf-8")
-    plot(table, args.seeds, args.out / "controls.png")
+    command = " ".join(["python benchmarks/bench_controls.py", *([f"--world {args.world}"] if args.world != "lab" else []),
+                        f"--seeds {args.seeds}", *([f"--jobs {args.jobs}"] if args.jobs > 1 else [])])
+    (args.out / "controls.json").write_text(json.dumps({"world": args.world, "seeds": args.seeds, "controls": table}, indent=1), encoding="utf-8")
+    (args.out / "controls.md").write_text(markdown(table, args.seeds, args.world, command), encoding="utf-8")
+    plot(table, args.seeds, args.world, args.out / "controls.png")
     print(args.out / "controls.md")
 
 

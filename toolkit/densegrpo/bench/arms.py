@@ -133,6 +133,26 @@ def reward_key(config: cfg.RunConfig) -> str:
     return "+".join(r.name for r in config.rewards)
 
 
+def toy_overrides(reward: str, profile: Profile, iterations: int) -> list[str]:
+    """The ``--set`` overrides that make the default run the toy world's benchmark run on
+    ``reward`` at ``profile``'s sizes, before any arm's components (its calibrator stays the
+    default run's reward-aware one, sized by the profile)."""
+    return [
+        "prompts.train=toy-train",  # the whole training set, not the default run's 8-prompt focus set
+        "logging.train_eval_images_per_prompt=0",
+        f"iterations={iterations}",
+        "checkpoint_every=0",
+        f"rewards.0.name={reward}",
+        f"train.group_size={profile.group_size}",
+        f"train.groups_per_iteration={profile.groups}",
+        "logging.progress=false",
+        "logging.sample_every=0",
+        "logging.sample_prompts=8",
+        f"logging.eval_prompts={profile.eval_prompts}",
+        *profile.overrides,
+    ]
+
+
 def arm_config(arm: str | Arm, reward: str, seed: int, profile: Profile, iterations: int) -> cfg.RunConfig:
     """The resolved run config of ``arm`` (a name in :data:`ARMS` or an :class:`Arm`) on ``reward``
     in the toy world."""
@@ -140,23 +160,7 @@ def arm_config(arm: str | Arm, reward: str, seed: int, profile: Profile, iterati
     calibration = [f"calibrator.config.max_rounds={profile.calibration_rounds}", f"calibrator.config.samples_per_round={profile.calibration_samples}"]
     return cfg.resolve(
         None,
-        [
-            f"seed={seed}",
-            "prompts.train=toy-train",  # the whole training set, not the default run's 8-prompt focus set
-            "logging.train_eval_images_per_prompt=0",
-            f"iterations={iterations}",
-            "checkpoint_every=0",
-            f"rewards.0.name={reward}",
-            f"train.group_size={profile.group_size}",
-            f"train.groups_per_iteration={profile.groups}",
-            "logging.progress=false",
-            "logging.sample_every=0",
-            "logging.sample_prompts=8",
-            f"logging.eval_prompts={profile.eval_prompts}",
-            *spec.overrides(),
-            *(calibration if spec.calibrates else []),
-            *profile.overrides,
-        ],
+        [f"seed={seed}", *toy_overrides(reward, profile, iterations), *spec.overrides(), *(calibration if spec.calibrates else [])],
     )
 
 
