@@ -43,7 +43,7 @@ def world_overrides(world: str) -> list[str]:
         return lab_overrides()
     profile = PROFILES["default"]
     return [*toy_overrides("toy-geneval", profile, profile.iterations), f"calibrator.config.max_rounds={profile.calibration_rounds}",
-            f"calibrator.config.samples_per_round={profile.calibration_samples}"]
+            f"calibrator.config.samples_per_round={profile.calibration_samples}", *profile.overrides]
 
 
 def control_config(folder: Path, world: str, overrides: list[str]) -> Path:

@@ -135,8 +135,8 @@ def reward_key(config: cfg.RunConfig) -> str:
 
 def toy_overrides(reward: str, profile: Profile, iterations: int) -> list[str]:
     """The ``--set`` overrides that make the default run the toy world's benchmark run on
-    ``reward`` at ``profile``'s sizes, before any arm's components (its calibrator stays the
-    default run's reward-aware one, sized by the profile)."""
+    ``reward`` at ``profile``'s sizes, before any arm's components and the profile's own
+    ``overrides``, which go last."""
     return [
         "prompts.train=toy-train",  # the whole training set, not the default run's 8-prompt focus set
         "logging.train_eval_images_per_prompt=0",
@@ -149,7 +149,6 @@ def toy_overrides(reward: str, profile: Profile, iterations: int) -> list[str]:
         "logging.sample_every=0",
         "logging.sample_prompts=8",
         f"logging.eval_prompts={profile.eval_prompts}",
-        *profile.overrides,
     ]
 
 
@@ -160,7 +159,8 @@ def arm_config(arm: str | Arm, reward: str, seed: int, profile: Profile, iterati
     calibration = [f"calibrator.config.max_rounds={profile.calibration_rounds}", f"calibrator.config.samples_per_round={profile.calibration_samples}"]
     return cfg.resolve(
         None,
-        [f"seed={seed}", *toy_overrides(reward, profile, iterations), *spec.overrides(), *(calibration if spec.calibrates else [])],
+        [f"seed={seed}", *toy_overrides(reward, profile, iterations), *spec.overrides(), *(calibration if spec.calibrates else []),
+         *profile.overrides],
     )
 
 
