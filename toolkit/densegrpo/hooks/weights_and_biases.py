@@ -91,7 +91,9 @@ class WandbHook:
             config=run.config.model_dump(mode="json"),
         )
         id_path.write_text(json.dumps({"id": run_id}), encoding="utf-8")
-        self.samples_logged = set()
+        # a resumed run logged its earlier grids already; a fresh one has only the grid of the base policy
+        earlier = sorted((run.run_dir / "samples").glob("iter-*.png")) if run.iteration and (run.run_dir / "samples").exists() else []
+        self.samples_logged = {p.name for p in earlier}
 
     def after_iteration(self, run: "Run", record: dict[str, Any]) -> None:
         if self.run is None:
