@@ -148,7 +148,7 @@ CASES = [
     ("options: zero --limit", ["eval", "--limit", "0"], "Invalid value for '--limit'"),
     ("options: --steps not a number", ["eval", "--steps", "forty"], "Invalid value for '--steps'"),
     ("options: zero --seeds", ["bench", "sparse-vs-dense", "--seeds", "0"], "Invalid value for '--seeds'"),
-    ("options: unknown benchmark arm", ["bench", "sparse-vs-dense", "--quick", "--arm", "dense-n9", "--out", "bench"], "unknown arm(s) dense-n9; available: flow-grpo"),
+    ("options: unknown benchmark arm", ["bench", "sparse-vs-dense", "--quick", "--arm", "dense-n9", "--out", "bench"], "unknown arm 'dense-n9'; available: flow-grpo"),
     ("options: --report-only with no results", ["bench", "sparse-vs-dense", "--report-only", "--out", "empty-folder"], "results.json' does not exist"),
     ("options: calibrating a calibrator without rounds", ["calibrate", *TRAIN, "--set", "calibrator.name=uniform", "--out", "calib"], "calibrator 'uniform' has no calibration rounds"),
     ("options: no --reward", ["score", "red.png"], "Missing option '--reward' / '-r'; see `densegrpo score --help`"),

@@ -73,7 +73,7 @@ def cost_inputs(config: cfg.RunConfig) -> CostInputs:
 def step_costs(inputs: CostInputs) -> dict[str, float]:
     """Seconds of one policy forward and forward+backward on the batch, one reward call on
     its ``N`` images, and one SDE rollout of ``T`` steps."""
-    policy, sampler = inputs.parts.policy, inputs.parts.sampler
+    policy = inputs.parts.policy
     x = inputs.noise
     sigma = torch.full((inputs.batch,), 0.5)  # any sigma: a forward's cost does not depend on it
     with torch.no_grad():

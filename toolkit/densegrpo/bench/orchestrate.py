@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from densegrpo import config as cfg
-from densegrpo.bench.arms import ARMS, DEFAULT_REWARDS, PROFILES, WORLDS, Profile, parse_arm, reward_key, uniform_level, world_config
+from densegrpo.bench.arms import ARMS, DEFAULT_REWARDS, PROFILES, WORLDS, parse_arm, reward_key, uniform_level, world_config
 from densegrpo.bench.costs import COST_ARM, measure_costs
 from densegrpo.bench.report import PSI_ARM, plot_curves, plot_psi, render_report
 from densegrpo.bench.stats import summarise, summarise_run

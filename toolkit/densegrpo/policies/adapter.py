@@ -122,6 +122,18 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def hub_model(config: Any, family: str) -> tuple[str, dict[str, Any]]:
+    """``(model, options)`` for :func:`hub_load` from a diffusers policy's ``config``: its ``model``
+    (unset: a one-line :class:`UserError` naming the model ``family``), and ``local_files_only``
+    with ``revision`` when one is set."""
+    if not config.model:
+        raise UserError(f"set policy config `model` to a hub id or a local diffusers folder of {family}")
+    options: dict[str, Any] = {"local_files_only": config.local_files_only}
+    if config.revision:
+        options["revision"] = config.revision
+    return config.model, options
+
+
 def hub_load(loader: Callable[..., Any], what: str, model: str, *, subfolder: str | None, local_files_only: bool, **kwargs: Any) -> Any:
     """``loader(model, subfolder=..., local_files_only=..., ...)`` with a one-line :class:`UserError` when files are missing.
 

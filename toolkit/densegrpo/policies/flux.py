@@ -29,6 +29,7 @@ from densegrpo.policies.adapter import (
     FlowPolicyConfig,
     FlowTransformerPolicy,
     hub_load,
+    hub_model,
     resolve_dtype,
 )
 from densegrpo.policies.sd3 import tiny_clip_text, vae_decoder
@@ -162,12 +163,7 @@ def load_flux_components(config: FluxPolicy.Config, dtype: torch.dtype) -> dict[
 
     from densegrpo.tokenizers import CLIP_VOCAB_SIZE, check_tokenizer_size
 
-    if not config.model:
-        raise ValueError("set policy config `model` to a hub id or a local diffusers folder of FLUX.1")
-    opts: dict[str, Any] = dict(local_files_only=config.local_files_only)
-    if config.revision:
-        opts["revision"] = config.revision
-    model = config.model
+    model, opts = hub_model(config, "FLUX.1")
     out = {
         "transformer": hub_load(FluxTransformer2DModel.from_pretrained, "FLUX transformer", model, subfolder="transformer", torch_dtype=dtype, **opts),
         "vae": hub_load(AutoencoderKL.from_pretrained, "FLUX VAE", model, subfolder="vae", torch_dtype=dtype, **opts),

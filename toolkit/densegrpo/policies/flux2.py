@@ -33,6 +33,7 @@ from densegrpo.policies.adapter import (
     FlowPolicyConfig,
     FlowTransformerPolicy,
     hub_load,
+    hub_model,
     resolve_dtype,
 )
 from densegrpo.policies.lora import LoRAConfig
@@ -216,12 +217,7 @@ def load_flux2_components(config: Flux2Policy.Config, dtype: torch.dtype) -> dic
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import AutoProcessor, Mistral3ForConditionalGeneration
 
-    if not config.model:
-        raise UserError("set policy config `model` to a hub id or a local diffusers folder of FLUX.2-dev")
-    opts: dict[str, Any] = dict(local_files_only=config.local_files_only)
-    if config.revision:
-        opts["revision"] = config.revision
-    model = config.model
+    model, opts = hub_model(config, "FLUX.2-dev")
     return {
         "transformer": hub_load(Flux2Transformer2DModel.from_pretrained, "FLUX.2 transformer", model, subfolder="transformer", torch_dtype=dtype, **opts),
         "vae": hub_load(AutoencoderKLFlux2.from_pretrained, "FLUX.2 VAE", model, subfolder="vae", torch_dtype=torch.float32, **opts),

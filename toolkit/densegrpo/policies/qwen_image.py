@@ -38,6 +38,7 @@ from densegrpo.policies.adapter import (
     FlowTransformerPolicy,
     classifier_free_guidance,
     hub_load,
+    hub_model,
     resolve_dtype,
 )
 from densegrpo.policies.flux import pack_latents, unpack_latents
@@ -212,12 +213,7 @@ def load_qwen_image_components(config: QwenImagePolicy.Config, dtype: torch.dtyp
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-    if not config.model:
-        raise UserError("set policy config `model` to a hub id or a local diffusers folder of Qwen-Image")
-    opts: dict[str, Any] = dict(local_files_only=config.local_files_only)
-    if config.revision:
-        opts["revision"] = config.revision
-    model = config.model
+    model, opts = hub_model(config, "Qwen-Image")
     return {
         "transformer": hub_load(QwenImageTransformer2DModel.from_pretrained, "Qwen-Image transformer", model, subfolder="transformer", torch_dtype=dtype, **opts),
         "vae": hub_load(AutoencoderKLQwenImage.from_pretrained, "Qwen-Image VAE", model, subfolder="vae", torch_dtype=torch.float32, **opts),

@@ -27,6 +27,7 @@ from densegrpo.policies.adapter import (
     FlowPolicyConfig,
     FlowTransformerPolicy,
     hub_load,
+    hub_model,
     resolve_dtype,
 )
 from densegrpo.protocols import Cond
@@ -159,26 +160,22 @@ def load_sd3_components(config: SD3Policy.Config, dtype: torch.dtype) -> dict[st
 
     from densegrpo.tokenizers import CLIP_VOCAB_SIZE, check_tokenizer_size
 
-    if not config.model:
-        raise ValueError("set policy config `model` to a hub id or a local diffusers folder of SD3/SD3.5")
-    opts = dict(local_files_only=config.local_files_only)
-    revision = {"revision": config.revision} if config.revision else {}
-    model = config.model
+    model, opts = hub_model(config, "SD3/SD3.5")
     out: dict[str, Any] = {
-        "transformer": hub_load(SD3Transformer2DModel.from_pretrained, "SD3 transformer", model, subfolder="transformer", torch_dtype=dtype, **opts, **revision),
-        "vae": hub_load(AutoencoderKL.from_pretrained, "SD3 VAE", model, subfolder="vae", torch_dtype=dtype, **opts, **revision),
-        "text_encoder": hub_load(CLIPTextModelWithProjection.from_pretrained, "CLIP-L text encoder", model, subfolder="text_encoder", dtype=dtype, **opts, **revision),
-        "text_encoder_2": hub_load(CLIPTextModelWithProjection.from_pretrained, "CLIP-G text encoder", model, subfolder="text_encoder_2", dtype=dtype, **opts, **revision),
-        "tokenizer": hub_load(CLIPTokenizer.from_pretrained, "CLIP-L tokenizer", model, subfolder="tokenizer", **opts, **revision),
-        "tokenizer_2": hub_load(CLIPTokenizer.from_pretrained, "CLIP-G tokenizer", model, subfolder="tokenizer_2", **opts, **revision),
+        "transformer": hub_load(SD3Transformer2DModel.from_pretrained, "SD3 transformer", model, subfolder="transformer", torch_dtype=dtype, **opts),
+        "vae": hub_load(AutoencoderKL.from_pretrained, "SD3 VAE", model, subfolder="vae", torch_dtype=dtype, **opts),
+        "text_encoder": hub_load(CLIPTextModelWithProjection.from_pretrained, "CLIP-L text encoder", model, subfolder="text_encoder", dtype=dtype, **opts),
+        "text_encoder_2": hub_load(CLIPTextModelWithProjection.from_pretrained, "CLIP-G text encoder", model, subfolder="text_encoder_2", dtype=dtype, **opts),
+        "tokenizer": hub_load(CLIPTokenizer.from_pretrained, "CLIP-L tokenizer", model, subfolder="tokenizer", **opts),
+        "tokenizer_2": hub_load(CLIPTokenizer.from_pretrained, "CLIP-G tokenizer", model, subfolder="tokenizer_2", **opts),
     }
     check_tokenizer_size(out["tokenizer"], CLIP_VOCAB_SIZE, "CLIP-L")
     check_tokenizer_size(out["tokenizer_2"], CLIP_VOCAB_SIZE, "CLIP-G")
     local = Path(model)
     has_t5 = not local.is_dir() or (local / "text_encoder_3").is_dir()
     if has_t5 and not config.drop_t5:
-        out["text_encoder_3"] = hub_load(T5EncoderModel.from_pretrained, "T5 text encoder", model, subfolder="text_encoder_3", dtype=dtype, **opts, **revision)
-        out["tokenizer_3"] = hub_load(T5TokenizerFast.from_pretrained, "T5 tokenizer", model, subfolder="tokenizer_3", **opts, **revision)
+        out["text_encoder_3"] = hub_load(T5EncoderModel.from_pretrained, "T5 text encoder", model, subfolder="text_encoder_3", dtype=dtype, **opts)
+        out["tokenizer_3"] = hub_load(T5TokenizerFast.from_pretrained, "T5 tokenizer", model, subfolder="tokenizer_3", **opts)
     else:
         out["text_encoder_3"], out["tokenizer_3"] = None, None
     return out

@@ -34,6 +34,7 @@ from densegrpo.policies.adapter import (
     FlowPolicyConfig,
     FlowTransformerPolicy,
     hub_load,
+    hub_model,
     resolve_dtype,
 )
 from densegrpo.protocols import Cond
@@ -176,12 +177,7 @@ def load_wan_components(config: WanPolicy.Config, dtype: torch.dtype) -> dict[st
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    if not config.model:
-        raise UserError("set policy config `model` to a hub id or a local diffusers folder of Wan2.1 T2V")
-    opts: dict[str, Any] = dict(local_files_only=config.local_files_only)
-    if config.revision:
-        opts["revision"] = config.revision
-    model = config.model
+    model, opts = hub_model(config, "Wan2.1 T2V")
     index = hub_load(WanPipeline.load_config, "Wan pipeline index", model, subfolder=None, **opts)
     two_experts = index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None
     if two_experts or index.get("expand_timesteps"):

@@ -30,6 +30,7 @@ from densegrpo.policies.adapter import (
     FlowPolicyConfig,
     FlowTransformerPolicy,
     hub_load,
+    hub_model,
     resolve_dtype,
 )
 from densegrpo.policies.lora import LoRAConfig
@@ -166,12 +167,7 @@ def load_z_image_components(config: ZImagePolicy.Config, dtype: torch.dtype) -> 
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import AutoModel, AutoTokenizer
 
-    if not config.model:
-        raise UserError("set policy config `model` to a hub id or a local diffusers folder of Z-Image")
-    opts: dict[str, Any] = dict(local_files_only=config.local_files_only)
-    if config.revision:
-        opts["revision"] = config.revision
-    model = config.model
+    model, opts = hub_model(config, "Z-Image")
     return {
         "transformer": hub_load(ZImageTransformer2DModel.from_pretrained, "Z-Image transformer", model, subfolder="transformer", torch_dtype=dtype, **opts),
         "vae": hub_load(AutoencoderKL.from_pretrained, "Z-Image VAE", model, subfolder="vae", torch_dtype=torch.float32, **opts),
