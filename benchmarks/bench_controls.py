@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 CONTROLS = {
     "plain": ("the recipe as it is (Flow-GRPO's loss)", []),
@@ -42,34 +41,15 @@ def world_overrides(world: str) -> list[str]:
     if world == "lab":
         return lab_overrides()
     profile = PROFILES["default"]
-    return [*toy_overrides("toy-geneval", profile, profile.iterations), f"calibrator.config.max_rounds={profile.calibration_rounds}",
-            f"calibrator.config.samples_per_round={profile.calibration_samples}", *profile.overrides]
-
-
-def control_config(folder: Path, world: str, overrides: list[str]) -> Path:
-    """Write ``world``'s benchmark run config with ``overrides`` applied; returns its path."""
-    from densegrpo import config as cfg
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    resolved = cfg.resolve(None, [*world_overrides(world), *overrides])
-    path.write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    return path
+    return [*toy_overrides("toy-geneval", profile, profile.iterations), *profile.calibration_overrides(), *profile.overrides]
 
 
 def run_control(out: Path, world: str, name: str, seeds: int, jobs: int) -> dict[str, list[float]]:
     """Both arms with control ``name`` (resumed when its folder holds a started benchmark);
     returns ``{arm: held-out reward per seed 0..K-1}``."""
-    from densegrpo.bench.orchestrate import read_results, run_sparse_vs_dense
+    from densegrpo.bench.orchestrate import run_or_resume
 
-    folder = out / name
-    bench = folder / "bench"
-    if (bench / "results.json").exists():
-        run_sparse_vs_dense(out=bench, resume=True, costs=False)
-    else:
-        run_sparse_vs_dense(seeds=seeds, arms=list(ARMS), out=bench, config=control_config(folder, world, CONTROLS[name][1]), costs=False,
-                            workers=jobs)
-    (runs,) = read_results(bench)["runs"].values()
+    runs = run_or_resume(out / name, [*world_overrides(world), *CONTROLS[name][1]], list(ARMS), seeds, jobs)
     return {arm: [r["eval_final"] for r in runs[arm]] for arm in ARMS}
 
 

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 DIALS = {
     "dim": ("latent dimension d", [4, 16, 32, 128]),
@@ -27,30 +26,13 @@ DIALS = {
 ARMS = ("flow-grpo", "densegrpo")
 
 
-def setting_config(folder: Path, **dials: int) -> Path:
-    """Write the lab's run config with ``dials`` changed; returns its path."""
-    from densegrpo import config as cfg
-    from densegrpo.bench.lab import lab_overrides
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg.resolve(None, lab_overrides(**dials)).model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    return path
-
-
 def run_setting(out: Path, seeds: int, **dials: int) -> dict:
     """Both arms at one setting (resumed when its folder holds a started benchmark); returns the gap."""
-    from densegrpo.bench.orchestrate import read_results, run_sparse_vs_dense
+    from densegrpo.bench.lab import lab_overrides
+    from densegrpo.bench.orchestrate import run_or_resume
     from densegrpo.bench.stats import difference_interval
 
-    folder = out / "-".join(f"{k}{v}" for k, v in dials.items())
-    bench = folder / "bench"
-    if (bench / "results.json").exists():
-        run_sparse_vs_dense(out=bench, resume=True, costs=False)
-    else:
-        run_sparse_vs_dense(seeds=seeds, arms=list(ARMS), out=bench, config=setting_config(folder, **dials), costs=False)
-    results = read_results(bench)
-    (runs,) = results["runs"].values()
+    runs = run_or_resume(out / "-".join(f"{k}{v}" for k, v in dials.items()), lab_overrides(**dials), list(ARMS), seeds)
     numbers = {arm: [r["eval_final"] for r in runs[arm]] for arm in ARMS}  # seeds 0..K-1 in order: paired
     gap = difference_interval(numbers["densegrpo"], numbers["flow-grpo"], paired=True)
     means = {name: (float(np.mean(numbers[arm])), float(np.std(numbers[arm], ddof=1) / np.sqrt(seeds)))

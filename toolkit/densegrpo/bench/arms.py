@@ -91,6 +91,10 @@ class Profile:
     eval_prompts: int
     overrides: list[str] = field(default_factory=list)
 
+    def calibration_overrides(self) -> list[str]:
+        """The ``--set`` overrides that size the reward-aware calibrator's rounds."""
+        return [f"calibrator.config.max_rounds={self.calibration_rounds}", f"calibrator.config.samples_per_round={self.calibration_samples}"]
+
 
 PROFILES = {
     "quick": Profile(iterations=2, group_size=4, groups=2, calibration_rounds=1, calibration_samples=8, eval_prompts=4, overrides=["sampling.eval_steps=10"]),
@@ -156,12 +160,8 @@ def arm_config(arm: str | Arm, reward: str, seed: int, profile: Profile, iterati
     """The resolved run config of ``arm`` (a name in :data:`ARMS` or an :class:`Arm`) on ``reward``
     in the toy world."""
     spec = parse_arm(arm)[1] if isinstance(arm, str) else arm
-    calibration = [f"calibrator.config.max_rounds={profile.calibration_rounds}", f"calibrator.config.samples_per_round={profile.calibration_samples}"]
-    return cfg.resolve(
-        None,
-        [f"seed={seed}", *toy_overrides(reward, profile, iterations), *spec.overrides(), *(calibration if spec.calibrates else []),
-         *profile.overrides],
-    )
+    calibration = profile.calibration_overrides() if spec.calibrates else []
+    return cfg.resolve(None, [f"seed={seed}", *toy_overrides(reward, profile, iterations), *spec.overrides(), *calibration, *profile.overrides])
 
 
 def uniform_level(config: cfg.RunConfig) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from densegrpo import config as cfg
@@ -90,6 +91,23 @@ def read_results(out: Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"'{path}' does not exist; run the benchmark into --out {out} first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_or_resume(folder: Path, overrides: list[str], arms: list[str], seeds: int, workers: int = 1) -> dict[str, list[dict[str, Any]]]:
+    """One benchmark of ``arms`` on the default run config with ``overrides``, for scripts that
+    run many: the config is written to ``folder/config.yaml`` and the benchmark to
+    ``folder/bench``, which is continued where it stopped when it was started before. Returns its
+    runs ``{arm: [one run per seed, in seed order]}`` (a single reward)."""
+    bench = folder / "bench"
+    if (bench / "results.json").exists():
+        run_sparse_vs_dense(out=bench, resume=True, costs=False)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg.resolve(None, overrides).model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        run_sparse_vs_dense(seeds=seeds, arms=arms, out=bench, config=path, costs=False, workers=workers)
+    (runs,) = read_results(bench)["runs"].values()
+    return runs
 
 
 def header(plan: dict[str, Any], arms: list[str], workers: int, threads: int) -> dict[str, Any]:
