@@ -444,6 +444,30 @@ class _TransformerCall(nn.Module):
         return self.call(self.transformer, x, sigma, cond)
 
 
+class TinyRandomPolicy:
+    """``tiny_random()`` and ``contract_instance()`` for a diffusers policy built as
+    ``cls(config, components=...)`` whose class gives :meth:`tiny_parts`: random tiny components
+    made in code and the config they fit, for tests, smoke runs and the registry-wide contract test
+    (no weights offline)."""
+
+    @classmethod
+    def tiny_parts(cls, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(components, config defaults)`` of a tiny random instance drawn with ``seed``."""
+        raise NotImplementedError(f"{cls.__name__} defines no tiny_parts()")
+
+    @classmethod
+    def tiny_random(cls, seed: int = 0, config: Any = None, **overrides: Any) -> Any:
+        """A seconds-fast instance of random tiny components: ``config`` as given, or the tiny
+        defaults of :meth:`tiny_parts` with ``overrides`` on top."""
+        components, defaults = cls.tiny_parts(seed)
+        return cls(config if config is not None else cls.Config(**{**defaults, **overrides}), components=components)
+
+    @classmethod
+    def contract_instance(cls) -> Any:
+        """The tiny instance the registry-wide contract tests build."""
+        return cls.tiny_random(seed=0)
+
+
 def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """``module.to(device, dtype)``, casting only when the dtype changes (diffusers warns on every cast)."""
     current = next(module.parameters()).dtype
@@ -459,6 +483,7 @@ __all__ = [
     "FlowTransformerPolicy",
     "LoRAConfig",
     "PromptCache",
+    "TinyRandomPolicy",
     "cat_rows",
     "classifier_free_guidance",
     "guided_velocity",

@@ -28,6 +28,7 @@ from densegrpo.policies.adapter import (
     FlowModelParts,
     FlowPolicyConfig,
     FlowTransformerPolicy,
+    TinyRandomPolicy,
     hub_load,
     hub_model,
     resolve_dtype,
@@ -82,7 +83,7 @@ def flux_forward(embedded_guidance: float | None):
     return forward
 
 
-class FluxPolicy(FlowTransformerPolicy):
+class FluxPolicy(TinyRandomPolicy, FlowTransformerPolicy):
     """FLUX.1 with LoRA: latent ``(16, H/8, W/8)`` (unpacked), images ``(N, 3, H, W)``.
 
     ``FluxPolicy(config)`` loads ``config.model``; ``FluxPolicy(config, components=...)``
@@ -141,19 +142,9 @@ class FluxPolicy(FlowTransformerPolicy):
         super().__init__(parts, config)
 
     @classmethod
-    def tiny_random(cls, seed: int = 0, config: Config | None = None, **overrides: Any) -> "FluxPolicy":
-        """A seconds-fast FLUX policy of random tiny components (tests, smoke runs)."""
-        components = tiny_flux_components(seed)
-        if config is None:
-            base = dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=16, model=None)
-            base.update(overrides)
-            config = cls.Config(**base)
-        return cls(config, components=components)
-
-    @classmethod
-    def contract_instance(cls) -> "FluxPolicy":
-        """The tiny instance the registry-wide contract tests build (no weights offline)."""
-        return cls.tiny_random(seed=0)
+    def tiny_parts(cls, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Random tiny FLUX components and the config they fit (:class:`TinyRandomPolicy`)."""
+        return tiny_flux_components(seed), dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=16, model=None)
 
 
 def load_flux_components(config: FluxPolicy.Config, dtype: torch.dtype) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from densegrpo.policies.adapter import (
     FlowModelParts,
     FlowPolicyConfig,
     FlowTransformerPolicy,
+    TinyRandomPolicy,
     hub_load,
     hub_model,
     resolve_dtype,
@@ -114,7 +115,7 @@ def flux2_decoder(vae: nn.Module) -> Any:
     return decode
 
 
-class Flux2Policy(FlowTransformerPolicy):
+class Flux2Policy(TinyRandomPolicy, FlowTransformerPolicy):
     """FLUX.2-dev with LoRA: latent ``(128, H/16, W/16)`` (patchified, normalised), images ``(N, 3, H, W)``.
 
     ``Flux2Policy(config)`` loads ``config.model``; ``Flux2Policy(config, components=...)`` takes
@@ -197,19 +198,9 @@ class Flux2Policy(FlowTransformerPolicy):
         return False
 
     @classmethod
-    def tiny_random(cls, seed: int = 0, config: Config | None = None, **overrides: Any) -> "Flux2Policy":
-        """A seconds-fast FLUX.2 policy of random tiny components (tests, smoke runs)."""
-        components = tiny_flux2_components(seed)
-        if config is None:
-            base = dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=256, text_encoder_out_layers=[1], model=None)
-            base.update(overrides)
-            config = cls.Config(**base)
-        return cls(config, components=components)
-
-    @classmethod
-    def contract_instance(cls) -> "Flux2Policy":
-        """The tiny instance the registry-wide contract tests build (no weights offline)."""
-        return cls.tiny_random(seed=0)
+    def tiny_parts(cls, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Random tiny FLUX.2 components and the config they fit (:class:`TinyRandomPolicy`)."""
+        return tiny_flux2_components(seed), dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=256, text_encoder_out_layers=[1], model=None)
 
 
 def load_flux2_components(config: Flux2Policy.Config, dtype: torch.dtype) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from densegrpo.policies.adapter import (
     FlowModelParts,
     FlowPolicyConfig,
     FlowTransformerPolicy,
+    TinyRandomPolicy,
     classifier_free_guidance,
     hub_load,
     hub_model,
@@ -116,7 +117,7 @@ def qwen_image_decoder(vae: nn.Module) -> Any:
     return decode
 
 
-class QwenImagePolicy(FlowTransformerPolicy):
+class QwenImagePolicy(TinyRandomPolicy, FlowTransformerPolicy):
     """Qwen-Image with LoRA: latent ``(16, H/8, W/8)`` (unpacked), images ``(N, 3, H, W)``.
 
     ``QwenImagePolicy(config)`` loads ``config.model``; ``QwenImagePolicy(config, components=...)``
@@ -193,19 +194,9 @@ class QwenImagePolicy(FlowTransformerPolicy):
         components["text_encoder"].requires_grad_(False).eval()
 
     @classmethod
-    def tiny_random(cls, seed: int = 0, config: Config | None = None, **overrides: Any) -> "QwenImagePolicy":
-        """A seconds-fast Qwen-Image policy of random tiny components (tests, smoke runs)."""
-        components = tiny_qwen_image_components(seed)
-        if config is None:
-            base = dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=1024, model=None)
-            base.update(overrides)
-            config = cls.Config(**base)
-        return cls(config, components=components)
-
-    @classmethod
-    def contract_instance(cls) -> "QwenImagePolicy":
-        """The tiny instance the registry-wide contract tests build (no weights offline)."""
-        return cls.tiny_random(seed=0)
+    def tiny_parts(cls, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Random tiny Qwen-Image components and the config they fit (:class:`TinyRandomPolicy`)."""
+        return tiny_qwen_image_components(seed), dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=1024, model=None)
 
 
 def load_qwen_image_components(config: QwenImagePolicy.Config, dtype: torch.dtype) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from densegrpo.policies.adapter import (
     FlowModelParts,
     FlowPolicyConfig,
     FlowTransformerPolicy,
+    TinyRandomPolicy,
     hub_load,
     hub_model,
     resolve_dtype,
@@ -64,7 +65,7 @@ def vae_decoder(vae: nn.Module) -> Any:
     return decode
 
 
-class SD3Policy(FlowTransformerPolicy):
+class SD3Policy(TinyRandomPolicy, FlowTransformerPolicy):
     """SD3 / SD3.5 with LoRA: latent ``(16, H/8, W/8)``, images ``(N, 3, H, W)``.
 
     ``SD3Policy(config)`` loads ``config.model``; ``SD3Policy(config, components=...)``
@@ -138,19 +139,9 @@ class SD3Policy(FlowTransformerPolicy):
         super().__init__(parts, config)
 
     @classmethod
-    def tiny_random(cls, seed: int = 0, config: Config | None = None, **overrides: Any) -> "SD3Policy":
-        """A seconds-fast SD3 policy of random tiny components (tests, smoke runs)."""
-        components = tiny_sd3_components(seed)
-        if config is None:
-            base = dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=8, model=None)
-            base.update(overrides)
-            config = cls.Config(**base)
-        return cls(config, components=components)
-
-    @classmethod
-    def contract_instance(cls) -> "SD3Policy":
-        """The tiny instance the registry-wide contract tests build (no weights offline)."""
-        return cls.tiny_random(seed=0)
+    def tiny_parts(cls, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Random tiny SD3 components and the config they fit (:class:`TinyRandomPolicy`)."""
+        return tiny_sd3_components(seed), dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=8, model=None)
 
 
 def load_sd3_components(config: SD3Policy.Config, dtype: torch.dtype) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from densegrpo.policies.adapter import (
     FlowModelParts,
     FlowPolicyConfig,
     FlowTransformerPolicy,
+    TinyRandomPolicy,
     hub_load,
     hub_model,
     resolve_dtype,
@@ -78,7 +79,7 @@ def wan_video_decoder(vae: nn.Module) -> Any:
     return decode
 
 
-class WanPolicy(FlowTransformerPolicy):
+class WanPolicy(TinyRandomPolicy, FlowTransformerPolicy):
     """Wan2.1 text-to-video with LoRA: latent ``(16, F, H/8, W/8)``, videos ``(N, num_frames, 3, H, W)``.
 
     ``WanPolicy(config)`` loads ``config.model``; ``WanPolicy(config, components=...)`` takes
@@ -157,19 +158,9 @@ class WanPolicy(FlowTransformerPolicy):
         components["text_encoder"].requires_grad_(False).eval()
 
     @classmethod
-    def tiny_random(cls, seed: int = 0, config: Config | None = None, **overrides: Any) -> "WanPolicy":
-        """A seconds-fast Wan policy of random tiny components (tests, smoke runs)."""
-        components = tiny_wan_components(seed)
-        if config is None:
-            base = dict(height=16, width=16, num_frames=5, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=16, model=None)
-            base.update(overrides)
-            config = cls.Config(**base)
-        return cls(config, components=components)
-
-    @classmethod
-    def contract_instance(cls) -> "WanPolicy":
-        """The tiny instance the registry-wide contract tests build (no weights offline)."""
-        return cls.tiny_random(seed=0)
+    def tiny_parts(cls, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Random tiny Wan components and the config they fit (:class:`TinyRandomPolicy`)."""
+        return tiny_wan_components(seed), dict(height=16, width=16, num_frames=5, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=16, model=None)
 
 
 def load_wan_components(config: WanPolicy.Config, dtype: torch.dtype) -> dict[str, Any]:

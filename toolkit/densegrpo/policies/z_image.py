@@ -29,6 +29,7 @@ from densegrpo.policies.adapter import (
     FlowModelParts,
     FlowPolicyConfig,
     FlowTransformerPolicy,
+    TinyRandomPolicy,
     hub_load,
     hub_model,
     resolve_dtype,
@@ -71,7 +72,7 @@ def z_image_guidance(v_negative: Tensor, v_positive: Tensor, scale: float) -> Te
     return v_positive + scale * (v_positive - v_negative)
 
 
-class ZImagePolicy(FlowTransformerPolicy):
+class ZImagePolicy(TinyRandomPolicy, FlowTransformerPolicy):
     """Z-Image with LoRA: latent ``(16, H/8, W/8)``, images ``(N, 3, H, W)``.
 
     ``ZImagePolicy(config)`` loads ``config.model``; ``ZImagePolicy(config, components=...)`` takes
@@ -147,19 +148,9 @@ class ZImagePolicy(FlowTransformerPolicy):
         return self.config.guidance_scale > 0
 
     @classmethod
-    def tiny_random(cls, seed: int = 0, config: Config | None = None, **overrides: Any) -> "ZImagePolicy":
-        """A seconds-fast Z-Image policy of random tiny components (tests, smoke runs)."""
-        components = tiny_z_image_components(seed)
-        if config is None:
-            base = dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=32, model=None)
-            base.update(overrides)
-            config = cls.Config(**base)
-        return cls(config, components=components)
-
-    @classmethod
-    def contract_instance(cls) -> "ZImagePolicy":
-        """The tiny instance the registry-wide contract tests build (no weights offline)."""
-        return cls.tiny_random(seed=0)
+    def tiny_parts(cls, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Random tiny Z-Image components and the config they fit (:class:`TinyRandomPolicy`)."""
+        return tiny_z_image_components(seed), dict(resolution=32, lora={"rank": 4, "alpha": 8.0}, max_sequence_length=32, model=None)
 
 
 def load_z_image_components(config: ZImagePolicy.Config, dtype: torch.dtype) -> dict[str, Any]:
