@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +115,31 @@ class PairedGain:
     images: int
     better: int
     worse: int
+
+
+def save_scores(path: Path, scores: Tensor | dict[str, Tensor]) -> None:
+    """Write per-image scores (one tensor, or one per label) to ``path`` as ``{"scores": ...}``,
+    NaN as null, atomically: a crash mid-write leaves the previous file."""
+    def plain(values: Tensor) -> list[float | None]:
+        return [None if math.isnan(v) else v for v in values.double().tolist()]
+
+    data = {label: plain(values) for label, values in scores.items()} if isinstance(scores, dict) else plain(scores)
+    path = Path(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"scores": data}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_scores(path: Path) -> Tensor | dict[str, Tensor] | None:
+    """What :func:`save_scores` wrote (float32, null as NaN), or ``None`` when ``path`` does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    def tensor(values: list[float | None]) -> Tensor:
+        return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
+
+    saved = json.loads(path.read_text(encoding="utf-8"))["scores"]
+    return {label: tensor(values) for label, values in saved.items()} if isinstance(saved, dict) else tensor(saved)
 
 
 def paired_gain(base: Tensor, current: Tensor) -> PairedGain:

@@ -10,21 +10,19 @@ monitor's is below ``-K``.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from densegrpo.build import WeightedReward, build_rewards
 from densegrpo.config import RewardSpec
-from densegrpo.evaluate import paired_gain
+from densegrpo.evaluate import load_scores, paired_gain, save_scores
+from densegrpo.grpo import nanmean
 from densegrpo.protocols import conform
 from densegrpo.reward_scorer import score_one
 
@@ -77,7 +75,7 @@ class Monitors:
         """``monitor_<label>_reward`` and, against the base, ``_gain`` +- ``_gain_se`` (paired image by image)."""
         out: dict[str, float] = {}
         for label, values in scores.items():
-            out[f"monitor_{label}_reward"] = _nanmean(values)
+            out[f"monitor_{label}_reward"] = nanmean(values)
             base = self.base.get(label)
             if base is not None and base.shape == values.shape:
                 paired = paired_gain(base, values)
@@ -87,27 +85,17 @@ class Monitors:
 
     def base_record(self) -> dict[str, float]:
         """``monitor_<label>_reward_base`` of every monitor whose base scores are known."""
-        return {f"monitor_{label}_reward_base": _nanmean(base) for label, base in self.base.items()}
+        return {f"monitor_{label}_reward_base": nanmean(base) for label, base in self.base.items()}
 
     def save_base(self, run_dir: Path) -> None:
         """Write the base scores (NaN as null) to ``run_dir/eval_monitor_base.json``, atomically."""
-        data = {label: [None if math.isnan(v) else v for v in base.double().tolist()] for label, base in self.base.items()}
-        path = Path(run_dir) / MONITOR_BASE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"scores": data}), encoding="utf-8")
-        os.replace(tmp, path)
+        save_scores(Path(run_dir) / MONITOR_BASE, self.base)
 
     def load_base(self, run_dir: Path) -> None:
         """Read back what :meth:`save_base` wrote; a monitor added on resume has no base (no gain)."""
-        path = Path(run_dir) / MONITOR_BASE
-        if not path.exists():
-            return
-        saved = json.loads(path.read_text(encoding="utf-8"))["scores"]
-        self.base = {
-            label: torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
-            for label, values in saved.items()
-            if label in self.rewards
-        }
+        saved = load_scores(Path(run_dir) / MONITOR_BASE)
+        if saved is not None:
+            self.base = {label: values for label, values in saved.items() if label in self.rewards}
 
 
 def logged_monitors(rows: list[dict[str, Any]]) -> list[str]:
@@ -163,7 +151,3 @@ def warn_hacking(record: dict[str, Any], fell: list[str]) -> None:
         stacklevel=2,
     )
 
-
-def _nanmean(values: Tensor) -> float:
-    valid = values[~torch.isnan(values)]
-    return float(valid.mean()) if valid.numel() else math.nan

@@ -3,16 +3,13 @@ scored and paired image by image with the untrained policy's."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from densegrpo.batches import prompt_metadata
-from densegrpo.evaluate import generate, paired_gain
+from densegrpo.evaluate import generate, load_scores, paired_gain, save_scores
 from densegrpo.grpo import nanmean
 from densegrpo.monitors import HACKING_KEY, Monitors, hacking, warn_hacking
 
@@ -64,20 +61,12 @@ def eval_images(run: "Run", prompts: list[str]) -> torch.Tensor:
 
 def save_eval_base(run_dir: Path, scores: torch.Tensor, prefix: str = "eval") -> None:
     """Write the base policy's per-image rewards of evaluation ``prefix`` (NaN as null), atomically."""
-    values = [None if math.isnan(v) else v for v in scores.double().tolist()]
-    path = Path(run_dir) / EVAL_BASE[prefix]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"scores": values}), encoding="utf-8")
-    os.replace(tmp, path)
+    save_scores(Path(run_dir) / EVAL_BASE[prefix], scores)
 
 
 def load_eval_base(run_dir: Path, prefix: str = "eval") -> torch.Tensor | None:
     """The scores :func:`save_eval_base` wrote, or ``None`` for a run without them."""
-    path = Path(run_dir) / EVAL_BASE[prefix]
-    if not path.exists():
-        return None
-    values = json.loads(path.read_text(encoding="utf-8"))["scores"]
-    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
+    return load_scores(Path(run_dir) / EVAL_BASE[prefix])
 
 
 class EvaluationHook:
