@@ -33,7 +33,11 @@ def eval_scores(run: "Run", split: str = "test") -> torch.Tensor | None:
     evaluated = eval_samples(run, split)
     if evaluated is None:
         return None
-    records, images = evaluated
+    return eval_rewards(run, *evaluated)
+
+
+def eval_rewards(run: "Run", records: list[dict[str, Any]], images: torch.Tensor) -> torch.Tensor:
+    """``(M,)`` float32 run rewards of evaluation ``images (M,3,H,W)``, one prompt record each."""
     return run.records_scorer(records).weighted(images, torch.arange(len(records))).float()
 
 
@@ -110,7 +114,7 @@ class EvaluationHook:
         if evaluated is None:
             return None
         records, images = evaluated
-        scores = run.records_scorer(records).weighted(images, torch.arange(len(records))).float()
+        scores = eval_rewards(run, records, images)
         monitored = {}
         if split == "test" and self.monitors:
             monitored = self.monitors.score(images, [r["prompt"] for r in records], [prompt_metadata(r) for r in records])
