@@ -153,3 +153,22 @@ def test_missing_weights_are_one_user_error(tmp_path):
 
     with pytest.raises(UserError, match="latent toy weights are missing"):
         ToyLatentPolicy(ToyLatentPolicy.Config(model=str(tmp_path)))
+
+
+def test_inference_decode_is_the_decoder_bit_for_bit(random_policy):
+    """Without autograd ``decode`` runs the SiLUs in place; the images must not change by a bit,
+    and with autograd the plain module chain still backpropagates."""
+    autoencoder = ToyAutoencoder.from_pretrained(packaged_latent_weights() / "autoencoder").eval()
+    latents = torch.randn(64, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 1.5
+    with torch.no_grad():
+        fast = autoencoder.decode(latents, clamp=False)
+    plain = (autoencoder.decoder(latents) + 1) / 2
+    assert torch.equal(fast, plain.detach())
+    assert fast.std() > 0.05  # real images, not a constant
+    plain.sum().backward()
+    assert autoencoder.decoder[0].weight.grad is not None
+    # the policy's chunked channels-last decode: the same images up to memory-format rounding
+    with torch.no_grad():
+        reference = random_policy.autoencoder.decoder(random_policy.autoencoder.unscale_latents(latents))
+    images = random_policy.decode(latents)
+    assert torch.allclose(images, ((reference + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
