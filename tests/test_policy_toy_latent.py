@@ -34,7 +34,9 @@ def test_random_latent_toy_is_a_policy_on_the_shared_adapter(random_policy):
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     trainable = [n for n, p in policy.transformer.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert all((".fc1." in n or ".fc2." in n) for n in trainable)
+    adapted = {n.split(".lora_")[0].split(".")[-1] for n in trainable}
+    assert adapted == {"fc1", "fc2", "modulation", "text_embed", "proj_in", "proj_out"}
+    assert not any("time_embed" in n for n in trainable)
     assert not any(p.requires_grad for p in policy.autoencoder.parameters())
     assert not any(p.requires_grad for p in policy.text_encoder.parameters())
 
@@ -114,7 +116,7 @@ def test_reference_disables_lora_and_lora_file_round_trip(tmp_path):
     cond = policy.encode(PROMPTS)
     with torch.no_grad():
         for name, param in policy.transformer.named_parameters():
-            if "proj_out" in name or "modulation" in name:
+            if ("proj_out" in name or "modulation" in name) and "lora_" not in name:
                 param.normal_(0, 0.05)  # zero-initialised layers would hide the adapter
         v_base = policy.velocity(x, sigma, cond)
         for name, param in policy.transformer.named_parameters():

@@ -8,7 +8,7 @@ cores (docs/toy-alignment.md). This toy draws the same scenes through a latent o
 - :class:`~densegrpo.toy.autoencoder.ToyAutoencoder` plays SD3's VAE: ``decode`` maps the
   flow model's clean latent to a 32 x 32 image for the rewards;
 - :class:`~densegrpo.toy.latent_denoiser.ToyLatentDenoiser`, a residual MLP with adaLN, plays
-  the MMDiT and is the module that gets LoRA (``fc1``, ``fc2`` of every block);
+  the MMDiT and is the module that gets LoRA (:data:`TOY_LATENT_LORA_TARGETS`);
 - the text encoder is the pixel toy's shipped ``CLIPTextModelWithProjection`` (frozen); the
   denoiser reads its pooled embedding, like SD3's pooled CLIP vector.
 
@@ -34,11 +34,19 @@ from densegrpo.policies.adapter import FlowModelParts, FlowPolicyConfig, FlowTra
 from densegrpo.policies.toy import _tokenizer, build_toy_modules, encode_toy_prompts
 from densegrpo.protocols import Cond
 
-TOY_LATENT_LORA_TARGETS = ["fc1", "fc2"]
-"""LoRA targets of the latent toy: both linear layers of every residual MLP block."""
+TOY_LATENT_LORA_TARGETS = ["fc1", "fc2", "modulation", "text_embed", "proj_in", "proj_out"]
+"""LoRA targets of the latent toy: both linear layers and the adaLN modulation of every residual
+MLP block, the pooled-text projection, and the input and output projections. The prompt reaches
+the denoiser only through ``text_embed`` and the modulations (as it reaches SD3's MMDiT through
+the text-stream projections that Flow-GRPO adapts), so a LoRA on ``fc1``/``fc2`` alone can hardly
+change what the model does with the prompt: with it, the main job's held-out gain after 50
+iterations was +0.031 +- 0.008, against +0.066 +- 0.011 with these targets
+(docs/toy-alignment.md)."""
 
-TOY_LATENT_LORA = {"rank": 8, "alpha": 16.0}
-"""The latent toy's LoRA defaults (alpha/r = 2 as in the paper), which a partial ``lora`` override keeps."""
+TOY_LATENT_LORA = {"rank": 32, "alpha": 64.0}
+"""The latent toy's LoRA defaults (Flow-GRPO's r 32, alpha 64), which a partial ``lora`` override keeps.
+Measured on the main job (docs/toy-alignment.md): held-out gain after 50 iterations +0.066 at r 8,
++0.098 at r 32, +0.098 at r 64."""
 
 WEIGHTS_FOLDER = "weights/toy_latent"
 
@@ -103,7 +111,8 @@ class ToyLatentPolicy(FlowTransformerPolicy):
         )
         lora: LoRAConfig = Field(
             default_factory=lambda: LoRAConfig(**TOY_LATENT_LORA),
-            description="LoRA settings: rank 8 on fc1/fc2 of every block (256 -> 512 -> 256 wide). Fields not given keep these defaults.",
+            description="LoRA settings: rank 32 (alpha 64) on fc1/fc2 and the modulation of every block, text_embed, proj_in and "
+            "proj_out. Fields not given keep these defaults.",
         )
 
         @field_validator("lora", mode="before")
