@@ -183,27 +183,7 @@ class ReferenceToyDetector:
         # Hypotheses: size from the coverage mass, box centre from the centroid.
         side = np.stack([np.sqrt(4 * mass / np.pi), np.sqrt(mass), np.sqrt(2 * mass)], axis=1)  # (K, 3)
         box_cy = np.stack([cy, cy, cy - side[:, 2] / 6], axis=1)
-        fine = (np.arange(self.window * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
-        gx = left[:, None] + fine[None]  # (K, F) pixel coordinates
-        gy = top[:, None] + fine[None]
-        templates = []
-        for h, shape in enumerate(SHAPES):
-            s = side[:, h][:, None, None]
-            dx = gx[:, None, :] - cx[:, None, None]
-            dy = gy[:, :, None] - box_cy[:, h][:, None, None]
-            if shape == "circle":
-                cover = dx * dx + dy * dy <= (s / 2) ** 2
-            elif shape == "square":
-                cover = (np.abs(dx) <= s / 2) & (np.abs(dy) <= s / 2)
-            else:
-                depth = dy + s / 2
-                cover = (depth >= 0) & (dy <= s / 2) & (np.abs(dx) <= depth / 2)
-            k = cover.shape[0]
-            templates.append(
-                cover.reshape(k, self.window, SUPERSAMPLE, self.window, SUPERSAMPLE).sum(axis=(2, 4), dtype=np.float32)
-                / SUPERSAMPLE**2
-            )
-        templates = np.stack(templates, axis=1)  # (K, 3, W, W)
+        templates = reference_templates(side, box_cy, cx, left, top, self.window)  # (K, 3, W, W)
         # Generated images are soft: also try each template blurred (3x3 box, half and full).
         blurred = ndimage.uniform_filter(templates, size=(1, 1, 3, 3), mode="constant")
         errors = np.full((len(mass), len(SHAPES)), np.inf)
@@ -222,6 +202,28 @@ class ReferenceToyDetector:
         cy_best = box_cy[np.arange(len(best)), best]
         boxes = np.stack([cx - s_best / 2, cy_best - s_best / 2, cx + s_best / 2, cy_best + s_best / 2], axis=1)
         return image_of, best, color_class, boxes, confidence
+
+
+def reference_templates(side, box_cy, cx, left, top, window):
+    """Supersampled coverage ``(K, 3, W, W)`` of each hypothesis with every supersampling point
+    tested, as the detector did before its interval templates (the frozen reference's way)."""
+    fine = (np.arange(window * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+    gx, gy = left[:, None] + fine[None], top[:, None] + fine[None]  # (K, F) pixel coordinates
+    out = []
+    for h, shape in enumerate(SHAPES):
+        s = side[:, h][:, None, None]
+        dx = gx[:, None, :] - cx[:, None, None]
+        dy = gy[:, :, None] - box_cy[:, h][:, None, None]
+        if shape == "circle":
+            cover = dx * dx + dy * dy <= (s / 2) ** 2
+        elif shape == "square":
+            cover = (np.abs(dx) <= s / 2) & (np.abs(dy) <= s / 2)
+        else:
+            depth = dy + s / 2
+            cover = (depth >= 0) & (dy <= s / 2) & (np.abs(dx) <= depth / 2)
+        k = len(cx)
+        out.append(cover.reshape(k, window, SUPERSAMPLE, window, SUPERSAMPLE).sum(axis=(2, 4), dtype=np.float32) / SUPERSAMPLE**2)
+    return np.stack(out, axis=1)
 
 
 def tag_balanced(prompts, count, rng):

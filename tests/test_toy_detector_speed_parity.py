@@ -17,7 +17,7 @@ from densegrpo.geneval_rules import partial_score
 from densegrpo.toy import detector as fast_detector
 from densegrpo.toy.detector import ToyDetector, _templates
 from densegrpo.toy.prompts import load_prompts
-from densegrpo.toy.scenes import SHAPES, SUPERSAMPLE, render_scenes, sample_scenes
+from densegrpo.toy.scenes import SUPERSAMPLE, render_scenes, sample_scenes
 
 
 def _load_bench():
@@ -83,24 +83,8 @@ def test_latent_toy_decodes_match_the_reference(scenes, reference):
 
 
 def brute_force_templates(side, box_cy, cx, left, top, window):
-    """Every supersampling point tested, as the detector did before its interval templates."""
-    fine = (np.arange(window * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
-    gx, gy = left[:, None] + fine[None], top[:, None] + fine[None]
-    out = []
-    for h, shape in enumerate(SHAPES):
-        s = side[:, h][:, None, None]
-        dx = gx[:, None, :] - cx[:, None, None]
-        dy = gy[:, :, None] - box_cy[:, h][:, None, None]
-        if shape == "circle":
-            cover = dx * dx + dy * dy <= (s / 2) ** 2
-        elif shape == "square":
-            cover = (np.abs(dx) <= s / 2) & (np.abs(dy) <= s / 2)
-        else:
-            depth = dy + s / 2
-            cover = (depth >= 0) & (dy <= s / 2) & (np.abs(dx) <= depth / 2)
-        k = len(cx)
-        out.append(cover.reshape(k, window, SUPERSAMPLE, window, SUPERSAMPLE).sum(axis=(2, 4), dtype=np.float32) / SUPERSAMPLE**2)
-    return np.stack(out, axis=1)
+    """Every supersampling point tested: the frozen reference's templates."""
+    return _load_bench().reference_templates(side, box_cy, cx, left, top, window)
 
 
 def hypotheses(count, seed, ties):
