@@ -320,13 +320,8 @@ def _templates(side, box_cy, cx, left, top, window, prove: bool = True):
     table = _column_counts(window)
     per_row = np.zeros((shapes * count * fine_count, window), dtype=np.uint8)
     per_row[rows] = table[start * (fine_count + 1) + stop + 1]
-    # Sum the S fine rows of each pixel row: bytes <= S and S * S < 256, so adding the rows as
-    # 64-bit words never carries from one byte into the next.
-    words = per_row.view(np.uint64).reshape(shapes, count, window, SUPERSAMPLE, -1)
-    total = words[:, :, :, 0]
-    for i in range(1, SUPERSAMPLE):
-        total = total + words[:, :, :, i]
-    counts = np.ascontiguousarray(total).view(np.uint8).reshape(shapes, count, window, window)
+    # Sum the S fine rows of each pixel row (at most S * S = 16 points, so uint8 holds the count).
+    counts = per_row.reshape(shapes, count, window, SUPERSAMPLE, window).sum(axis=3, dtype=np.uint8)
     return counts.transpose(1, 0, 2, 3).astype(np.float32) / SUPERSAMPLE**2
 
 
