@@ -35,17 +35,15 @@ import argparse
 import json
 import os
 import time
-from collections import Counter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
-from densegrpo.dense import DenseRewardEngine, required_nfe  # noqa: E402
-from densegrpo.protocols import Cond  # noqa: E402
-from densegrpo.samplers.flow_sde import FlowSDESampler  # noqa: E402
-from densegrpo.sigmas import make_sigmas  # noqa: E402
-from densegrpo.testing import mean_brightness_reward  # noqa: E402
+from densegrpo.components.samplers.flow_sde import FlowSDESampler  # noqa: E402
+from densegrpo.contracts.protocols import Cond  # noqa: E402
+from densegrpo.contracts.testing import mean_brightness_reward  # noqa: E402
+from densegrpo.method.dense import DenseRewardEngine, required_nfe  # noqa: E402
+from densegrpo.method.sigmas import make_sigmas  # noqa: E402
 
 
 class TinySD3Policy:

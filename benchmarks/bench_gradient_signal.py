@@ -30,8 +30,8 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import torch
 
@@ -48,10 +48,10 @@ def rollout_with_advantages(run, iteration: int, groups: int, group_size: int, s
     """A fresh batch of ``groups x group_size`` training prompts at ``iteration``, rolled out with
     the run's sampler and noise level, scored densely, and its advantages ``(N, T)`` for each
     of ``estimators``: ``(batch, Rolled, {name: advantages})``."""
-    from densegrpo.batches import TRAIN_STREAM
-    from densegrpo.grpo import rollout
-    from densegrpo.noise import generator_for
-    from densegrpo.rewarding import ScoringPlan, score
+    from densegrpo.method.grpo import rollout
+    from densegrpo.method.noise import generator_for
+    from densegrpo.method.rewarding import ScoringPlan, score
+    from densegrpo.run.batches import TRAIN_STREAM
 
     noise_level = run.parts.calibrator.noise_level(run.sigmas)
     batch = run.batches.draw(iteration, TRAIN_STREAM, groups, group_size, same_noise)
@@ -80,7 +80,7 @@ def step_gradients(trainer, scored, advantages: dict[str, torch.Tensor], steps: 
 def control_weights(sigmas: torch.Tensor, step_std: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{control: (T,) weights}``: the first-order factor each per-step control puts on step
     ``k``'s gradient (module docstring); ``sigmas (T+1,)``, ``step_std (T,)``."""
-    from densegrpo.step_weighting import step_weights
+    from densegrpo.method.step_weighting import step_weights
 
     every = torch.ones_like(step_std, dtype=torch.bool)
     return {
@@ -111,8 +111,9 @@ def main() -> None:
         parser.error("--batches must be at least 2 to compare gradients")
     torch.set_num_threads(args.threads)
 
-    from densegrpo import config as cfg, registry
-    from densegrpo.train import Run
+    from densegrpo.contracts import config as cfg
+    from densegrpo.contracts import registry
+    from densegrpo.run.state import Run
 
     config = cfg.resolve(
         None,

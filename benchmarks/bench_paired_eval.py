@@ -34,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from densegrpo import registry
-    from densegrpo.evaluate import generate, load_prompt_records, paired_gain
-    from densegrpo.runs import config_or_run, load_policy
+    from densegrpo.contracts import registry
+    from densegrpo.run.evaluate import generate, load_prompt_records, paired_gain
+    from densegrpo.run.runs import config_or_run, load_policy
 
     for run in args.runs.split(","):
         config, run_dir = config_or_run(Path(run), [])

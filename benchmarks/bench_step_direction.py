@@ -52,10 +52,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bench_gradient_signal import rollout_with_advantages, step_gradients  # benchmarks/ is on sys.path when run as a script
-    from densegrpo import config as cfg, registry
-    from densegrpo.evaluate import evaluate_policy
-    from densegrpo.train import Run
+    from bench_gradient_signal import (  # benchmarks/ is on sys.path when run as a script
+        rollout_with_advantages,
+        step_gradients,
+    )
+    from densegrpo.contracts import config as cfg
+    from densegrpo.contracts import registry
+    from densegrpo.run.evaluate import evaluate_policy
+    from densegrpo.run.state import Run
 
     config = cfg.resolve(None, [
         "calibrator.name=uniform", f"calibrator.config.noise_level={args.noise_level}",

@@ -20,12 +20,11 @@ import argparse
 import time
 
 import torch
-
-from densegrpo import registry
-from densegrpo.geneval_rules import TAGS, strict_correct
-from densegrpo.toy.clip_model import ToyCLIP, evaluate_retrieval
-from densegrpo.toy.prompts import load_prompts
-from densegrpo.toy.scenes import render_scenes, sample_scenes, truth_detections
+from densegrpo.contracts import registry
+from densegrpo.worlds.geneval_rules import TAGS, strict_correct
+from densegrpo.worlds.toy.clip_model import ToyCLIP, evaluate_retrieval
+from densegrpo.worlds.toy.prompts import load_prompts
+from densegrpo.worlds.toy.scenes import render_scenes, sample_scenes, truth_detections
 
 
 def main() -> None:

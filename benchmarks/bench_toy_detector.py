@@ -1,4 +1,4 @@
-"""Accuracy and speed of the toy program detector (``densegrpo.toy.detector``).
+"""Accuracy and speed of the toy program detector (``densegrpo.worlds.toy.detector``).
 
     python3 benchmarks/bench_toy_detector.py [--scenes 2000] [--seed 0]
 
@@ -31,19 +31,28 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from dataclasses import dataclass
-
+from densegrpo.worlds.geneval_rules import (
+    Detection,
+    clause_credits,
+    geneval_correct,
+    partial_score,
+    strict_correct,
+)
+from densegrpo.worlds.toy.detector import _PALETTE, _STRUCTURE, ToyDetector
+from densegrpo.worlds.toy.prompts import load_prompts
+from densegrpo.worlds.toy.scenes import (
+    COLORS,
+    SHAPES,
+    SUPERSAMPLE,
+    render_scenes,
+    sample_scenes,
+)
 from scipy import ndimage
-
-from densegrpo.geneval_rules import Detection, clause_credits, geneval_correct, partial_score, strict_correct
-from densegrpo.toy.detector import _PALETTE, _STRUCTURE, ToyDetector
-from densegrpo.toy.prompts import load_prompts
-from densegrpo.toy.scenes import COLORS, SHAPES, SUPERSAMPLE, render_scenes, sample_scenes
 
 
 @dataclass
@@ -287,9 +296,9 @@ def latent_toy_images(count: int, seed: int, steps: int = 10):
     """Images of the latent toy policy (shipped weights) with GenEval metadata for each, by name:
     decoded random latents, ODE samples, and the ODE's per-step clean estimates (what the dense
     engine scores)."""
-    from densegrpo import registry
-    from densegrpo.policies.toy_latent import ToyLatentPolicy
-    from densegrpo.sigmas import make_sigmas
+    from densegrpo.contracts import registry
+    from densegrpo.method.sigmas import make_sigmas
+    from densegrpo.worlds.toy.latent_policy import ToyLatentPolicy
 
     rng = np.random.default_rng(seed + 1)
     metadatas = tag_balanced(load_prompts("toy-train") + load_prompts("toy-test"), count, rng)

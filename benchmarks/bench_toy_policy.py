@@ -6,7 +6,7 @@
 Rollout speed: the flow-SDE sampler (noise level 0.7), 10 steps, 32 images (the issue's target is
 <= 1 s on a 2-core CPU), with the default config (no CFG, LoRA r = 8 attached) and with CFG 4.5.
 Base scores: 40 ODE steps on the toy-test prompts, 4 images per prompt, toy-GenEval in its
-partial (training reward), strict and correct modes, through ``densegrpo.evaluate`` (the code
+partial (training reward), strict and correct modes, through ``densegrpo.run.evaluate`` (the code
 behind ``densegrpo eval --benchmark toy-geneval``). Numbers are printed as a markdown table.
 """
 
@@ -21,9 +21,9 @@ import torch
 
 
 def time_rollout(policy, num_images: int, steps: int, repeats: int) -> list[float]:
-    from densegrpo import registry
-    from densegrpo.sigmas import make_sigmas
-    from densegrpo.toy.prompts import load_prompts
+    from densegrpo.contracts import registry
+    from densegrpo.method.sigmas import make_sigmas
+    from densegrpo.worlds.toy.prompts import load_prompts
 
     sampler = registry.load("samplers", "flow-sde")
     prompts = [m["prompt"] for m in load_prompts("toy-train")[:num_images]]
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from densegrpo.policies.toy import ToyPolicy, packaged_weights
+    from densegrpo.worlds.toy.policy import ToyPolicy, packaged_weights
 
     rows = []
     for label, overrides in (("default (no CFG, LoRA r=8)", {}), ("CFG 4.5", {"guidance_scale": 4.5})):
@@ -75,7 +75,7 @@ def main() -> None:
 
     if args.skip_scores:
         return
-    from densegrpo.evaluate import evaluate_policy, format_report
+    from densegrpo.run.evaluate import evaluate_policy, format_report
 
     policy = ToyPolicy(ToyPolicy.Config(lora={"enabled": False}))
     start = time.perf_counter()

@@ -33,8 +33,9 @@ ADVANTAGES = ("sparse", "dense")
 
 
 def measure(world: str, advantage: str, iterations: int, groups: int, group_size: int) -> dict:
-    from densegrpo import config as cfg
-    from densegrpo.train import Run, train_step
+    from densegrpo.contracts import config as cfg
+    from densegrpo.run.state import Run
+    from densegrpo.run.train import train_step
 
     overrides = {**WORLDS[world], "advantage": {"name": advantage, "config": {}},
                  "calibration": {"before_training": False}, "logging": {"progress": False}}

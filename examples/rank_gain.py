@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from densegrpo.api import DenseRewards, RewardBatch, RewardNeeds
 from pydantic import BaseModel
 from torch import Tensor
-
-from densegrpo.protocols import DenseRewards, RewardBatch, RewardNeeds
 
 
 class RankGainAdvantage:

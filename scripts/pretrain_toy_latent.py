@@ -1,13 +1,13 @@
-"""Pretrain the latent toy (``densegrpo.policies.toy_latent``): an autoencoder, then a flow model on its latents.
+"""Pretrain the latent toy (``densegrpo.worlds.toy.latent_policy``): an autoencoder, then a flow model on its latents.
 
-Stage ``ae``: :class:`densegrpo.toy.autoencoder.ToyAutoencoder` on scenes rendered for the
+Stage ``ae``: :class:`densegrpo.worlds.toy.autoencoder.ToyAutoencoder` on scenes rendered for the
 ``toy-train`` prompts (a fresh random layout per sample; test prompts are never seen), loss
 ``|decode(encode(x) + 0.05 eps) - x|^2 + 1e-3 |z|^2`` (the noise makes the decoder tolerate the
 flow model's small latent errors; the penalty keeps the latent scale fixed). At the end the
 latents' mean and standard deviation over 4096 scenes become ``shift_factor`` and
 ``scaling_factor``.
 
-Stage ``flow``: :class:`densegrpo.toy.latent_denoiser.ToyLatentDenoiser` with the rectified-flow
+Stage ``flow``: :class:`densegrpo.worlds.toy.latent_denoiser.ToyLatentDenoiser` with the rectified-flow
 loss on the scaled latents of those scenes (method.md notation)::
 
     x_sigma = (1 - sigma) x0 + sigma eps,   target v = eps - x0,   L = |v_theta(x_sigma, sigma, c) - v|^2
@@ -43,8 +43,8 @@ from pretrain_toy_policy import ScenePool, shift_sigma
 
 def agreement(autoencoder, metadata: list[dict], seed: int, count: int = 1024) -> dict:
     """toy-GenEval of rendered scenes against the same scenes after encode-decode."""
-    from densegrpo.rewards.toy_geneval import ToyGenEvalReward
-    from densegrpo.toy.scenes import render_batch
+    from densegrpo.worlds.toy.geneval_reward import ToyGenEvalReward
+    from densegrpo.worlds.toy.scenes import render_batch
 
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(0, len(metadata), (count,), generator=generator).tolist()
@@ -61,8 +61,8 @@ def agreement(autoencoder, metadata: list[dict], seed: int, count: int = 1024) -
 
 
 def train_autoencoder(args: argparse.Namespace) -> None:
-    from densegrpo.toy.autoencoder import ToyAutoencoder
-    from densegrpo.toy.prompts import load_prompts
+    from densegrpo.worlds.toy.autoencoder import ToyAutoencoder
+    from densegrpo.worlds.toy.prompts import load_prompts
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -115,11 +115,15 @@ def train_autoencoder(args: argparse.Namespace) -> None:
 
 
 def train_flow(args: argparse.Namespace) -> None:
-    from densegrpo.policies.toy import TOY_MAX_TOKENS, build_toy_modules, encode_toy_prompts
-    from densegrpo.tokenizers import clip_tokenizer
-    from densegrpo.toy.autoencoder import ToyAutoencoder
-    from densegrpo.toy.latent_denoiser import ToyLatentDenoiser
-    from densegrpo.toy.prompts import load_prompts
+    from densegrpo.contracts.tokenizers import clip_tokenizer
+    from densegrpo.worlds.toy.autoencoder import ToyAutoencoder
+    from densegrpo.worlds.toy.latent_denoiser import ToyLatentDenoiser
+    from densegrpo.worlds.toy.policy import (
+        TOY_MAX_TOKENS,
+        build_toy_modules,
+        encode_toy_prompts,
+    )
+    from densegrpo.worlds.toy.prompts import load_prompts
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -198,8 +202,8 @@ def train_flow(args: argparse.Namespace) -> None:
 
 def score_checkpoints(args: argparse.Namespace) -> None:
     """toy-GenEval of every checkpoint under ``root`` on the test prompts (``densegrpo eval``'s code)."""
-    from densegrpo.evaluate import evaluate_policy
-    from densegrpo.policies.toy_latent import ToyLatentPolicy
+    from densegrpo.run.evaluate import evaluate_policy
+    from densegrpo.worlds.toy.latent_policy import ToyLatentPolicy
 
     torch.set_num_threads(args.threads)
     for folder in sorted(p for p in Path(args.root).iterdir() if (p / "denoiser").is_dir()):
@@ -210,8 +214,8 @@ def score_checkpoints(args: argparse.Namespace) -> None:
 
 
 def ship(args: argparse.Namespace) -> None:
-    """Copy a checkpoint (denoiser/ and autoencoder/) into the package (densegrpo/toy/weights/toy_latent)."""
-    from densegrpo.policies.toy_latent import packaged_latent_weights
+    """Copy a checkpoint (denoiser/ and autoencoder/) into the package (densegrpo/worlds/toy/weights/toy_latent)."""
+    from densegrpo.worlds.toy.latent_policy import packaged_latent_weights
 
     folder, target = Path(args.folder), packaged_latent_weights()
     for sub in ("denoiser", "autoencoder"):

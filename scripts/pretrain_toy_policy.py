@@ -1,7 +1,7 @@
-"""Pretrain the toy policy (``densegrpo.policies.toy``) with the rectified-flow loss.
+"""Pretrain the toy policy (``densegrpo.worlds.toy.policy``) with the rectified-flow loss.
 
 Data: GenEval-format training prompts (``toy-train``) and scenes rendered for them by
-``densegrpo.toy.scenes`` (a fresh random layout per sample, from a pre-rendered pool that
+``densegrpo.worlds.toy.scenes`` (a fresh random layout per sample, from a pre-rendered pool that
 is partly re-rendered as training goes). Model: the toy ``UNet2DConditionModel`` and its
 tiny CLIP text encoder, trained jointly from random init. Loss (method.md notation):
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ class ScenePool:
     """Pre-rendered scenes per training prompt, stored as uint8, refreshed a slice at a time."""
 
     def __init__(self, metadata: list[dict], per_prompt: int, seed: int, size: int = 32):
-        from densegrpo.toy.scenes import render_batch
+        from densegrpo.worlds.toy.scenes import render_batch
 
         self.render_batch = render_batch
         self.metadata = metadata
@@ -87,9 +86,15 @@ def save_checkpoint(transformer, text_encoder, folder: Path, info: dict, text_en
 
 
 def train(args: argparse.Namespace) -> None:
-    from densegrpo.policies.toy import TOY_MAX_TOKENS, build_toy_modules, encode_toy_prompts, pixels_to_latents, unet_forward
-    from densegrpo.tokenizers import clip_tokenizer
-    from densegrpo.toy.prompts import load_prompts
+    from densegrpo.contracts.tokenizers import clip_tokenizer
+    from densegrpo.worlds.toy.policy import (
+        TOY_MAX_TOKENS,
+        build_toy_modules,
+        encode_toy_prompts,
+        pixels_to_latents,
+        unet_forward,
+    )
+    from densegrpo.worlds.toy.prompts import load_prompts
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -178,8 +183,8 @@ def train(args: argparse.Namespace) -> None:
 
 def score_checkpoints(root: Path, num_steps: int, per_prompt: int, threads: int) -> None:
     """toy-GenEval of every checkpoint under ``root`` on the test prompts (``densegrpo eval``'s code)."""
-    from densegrpo.evaluate import evaluate_policy
-    from densegrpo.policies.toy import ToyPolicy
+    from densegrpo.run.evaluate import evaluate_policy
+    from densegrpo.worlds.toy.policy import ToyPolicy
 
     torch.set_num_threads(threads)
     for folder in sorted(p for p in root.iterdir() if (p / "unet").is_dir()):
@@ -191,8 +196,8 @@ def score_checkpoints(root: Path, num_steps: int, per_prompt: int, threads: int)
 
 
 def ship(folder: Path) -> None:
-    """Copy a checkpoint's weights into the package (densegrpo/toy/weights/toy_policy[_16])."""
-    from densegrpo.policies.toy import packaged_weights
+    """Copy a checkpoint's weights into the package (densegrpo/worlds/toy/weights/toy_policy[_16])."""
+    from densegrpo.worlds.toy.policy import packaged_weights
 
     info = json.loads((folder / "train_info.json").read_text()) if (folder / "train_info.json").exists() else {}
     target = packaged_weights(int(info.get("resolution", 32)))

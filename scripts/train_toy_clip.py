@@ -1,6 +1,6 @@
-"""Train the toy CLIP (``densegrpo.toy.clip_model``) contrastively on toy (render, prompt) pairs.
+"""Train the toy CLIP (``densegrpo.worlds.toy.clip_model``) contrastively on toy (render, prompt) pairs.
 
-Reproduces the shipped weights in ``toolkit/densegrpo/toy/weights/toy_clip/``::
+Reproduces the shipped weights in ``toolkit/densegrpo/worlds/toy/weights/toy_clip/``::
 
     python3 scripts/train_toy_clip.py    # 3000 steps of 128 pairs; 270 s on a busy 2-core CPU, 1 thread
 
@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from densegrpo.toy.clip_model import ToyCLIP, evaluate_retrieval
-from densegrpo.toy.prompts import load_prompts
-from densegrpo.toy.scenes import render_scenes, sample_scenes
+from densegrpo.worlds.toy.clip_model import ToyCLIP, evaluate_retrieval
+from densegrpo.worlds.toy.prompts import load_prompts
+from densegrpo.worlds.toy.scenes import render_scenes, sample_scenes
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "toolkit" / "densegrpo" / "toy" / "weights" / "toy_clip"
 

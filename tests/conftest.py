@@ -57,7 +57,7 @@ FAKE_REWARD_SOURCE = '''
 @pytest.fixture
 def fake_plugin(tmp_path, monkeypatch):
     """A third-party package ``densegrpo-fake`` registering the reward ``fake-brightness``."""
-    from densegrpo import registry
+    from densegrpo.contracts import registry
 
     make_fake_distribution(
         tmp_path,

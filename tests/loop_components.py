@@ -8,12 +8,11 @@ from dataclasses import replace
 from typing import Callable
 
 import torch
+from densegrpo.components.advantages.dense import DenseAdvantage
+from densegrpo.contracts.protocols import Cond
+from densegrpo.contracts.testing import GaussianFlowPolicy
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-
-from densegrpo.advantages.dense import DenseAdvantage
-from densegrpo.protocols import Cond
-from densegrpo.testing import GaussianFlowPolicy
 
 
 class AnalyticPolicy(GaussianFlowPolicy):

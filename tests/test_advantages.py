@@ -10,16 +10,18 @@ import math
 
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.advantages._normalize import canonical_completion
-from densegrpo.advantages.dense import DenseAdvantage
-from densegrpo.advantages.dense_raw import DenseRawAdvantage
-from densegrpo.advantages.dense_return import DenseReturnAdvantage, discounted_reward_to_go
-from densegrpo.advantages.multi import combine_advantages, combine_rewards
-from densegrpo.advantages.sparse import SparseAdvantage
-from densegrpo.errors import ConfigError
-from densegrpo.protocols import AdvantageEstimator, DenseRewards, RewardBatch
+from densegrpo.components.advantages._normalize import canonical_completion
+from densegrpo.components.advantages.dense import DenseAdvantage
+from densegrpo.components.advantages.dense_raw import DenseRawAdvantage
+from densegrpo.components.advantages.dense_return import (
+    DenseReturnAdvantage,
+    discounted_reward_to_go,
+)
+from densegrpo.components.advantages.sparse import SparseAdvantage
+from densegrpo.contracts import registry
+from densegrpo.contracts.errors import ConfigError
+from densegrpo.contracts.protocols import AdvantageEstimator, DenseRewards, RewardBatch
+from densegrpo.method.multi_reward import combine_advantages, combine_rewards
 
 EPS = 1e-4
 NAN = math.nan

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from densegrpo.cli.app import app
+from densegrpo.contracts import config as cfg
 from PIL import Image
 from typer.testing import CliRunner
-
-from densegrpo import config as cfg
-from densegrpo.cli import app
 
 TESTS = Path(__file__).parent
 # Fast components for the `train` cases: each fails before any weights load.

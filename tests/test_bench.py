@@ -8,9 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from densegrpo import plots
-from densegrpo.bench import ARMS, PROFILES, Arm, Profile, arm_config, plot_psi, rerender, run_sparse_vs_dense, summarise_run, uniform_level
+from densegrpo.bench import (
+    ARMS,
+    PROFILES,
+    Arm,
+    Profile,
+    arm_config,
+    plot_psi,
+    rerender,
+    run_sparse_vs_dense,
+    summarise_run,
+    uniform_level,
+)
+from densegrpo.run import plots
 
 
 def test_every_arm_is_a_plain_component_combination():
@@ -99,8 +109,7 @@ def test_a_config_naming_a_third_party_policy_runs_and_a_killed_benchmark_resume
     import time
 
     import yaml
-
-    from densegrpo import config as cfg
+    from densegrpo.contracts import config as cfg
 
     tests = Path(__file__).parent
     sys.path.insert(0, str(tests))
@@ -143,10 +152,9 @@ def test_a_config_naming_a_third_party_policy_runs_and_a_killed_benchmark_resume
 
 
 def test_the_lab_world_runs_through_the_cli_and_its_arms_keep_the_labs_calibration_sizes(tmp_path):
-    from typer.testing import CliRunner
-
     from densegrpo.bench.arms import world_config
-    from densegrpo.cli import app
+    from densegrpo.cli.app import app
+    from typer.testing import CliRunner
 
     calibrated = world_config("lab", None, "densegrpo", None, 3, PROFILES["default"], None)
     assert (calibrated.policy.name, calibrated.rewards[0].name, calibrated.seed) == ("lab", "lab", 3)

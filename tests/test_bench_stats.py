@@ -5,9 +5,14 @@ from __future__ import annotations
 import math
 
 import pytest
+from densegrpo.bench.stats import (
+    BUDGETS,
+    CLAIMS,
+    difference_interval,
+    judge_claims,
+    verdict,
+)
 from scipy import stats as scipy_stats
-
-from densegrpo.bench.stats import BUDGETS, CLAIMS, difference_interval, judge_claims, verdict
 
 A = [0.5, 0.7, 0.6, 0.9, 0.4]
 B = [0.4, 0.4, 0.4, 0.5, 0.4]  # a - b = 0.1, 0.3, 0.2, 0.4, 0.0

@@ -11,12 +11,11 @@ import math
 
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.calibrators.reward_aware import RewardAwareCalibrator
-from densegrpo.calibrators.uniform import UniformCalibrator
-from densegrpo.errors import ConfigError, UserError
-from densegrpo.protocols import CalibrationStats, ExplorationCalibrator
+from densegrpo.components.calibrators.reward_aware import RewardAwareCalibrator
+from densegrpo.components.calibrators.uniform import UniformCalibrator
+from densegrpo.contracts import registry
+from densegrpo.contracts.errors import ConfigError, UserError
+from densegrpo.contracts.protocols import CalibrationStats, ExplorationCalibrator
 
 NAN = math.nan
 

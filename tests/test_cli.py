@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from densegrpo.cli import main
+from densegrpo.cli.app import main
 
 
 def run_cli(capsys, *args):
@@ -97,7 +96,7 @@ def test_wrong_component_option_names_field(capsys, tmp_path):
 
 def test_plugin_import_failure_names_plugin_and_package(capsys, tmp_path, monkeypatch):
     from conftest import make_fake_distribution
-    from densegrpo import registry
+    from densegrpo.contracts import registry
 
     make_fake_distribution(tmp_path, "densegrpo-broken", "densegrpo_broken2", "import no_such_dependency_xyz\n", "[densegrpo.rewards]\nbroken = densegrpo_broken2:R\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from densegrpo.cli.app import main
 from PIL import Image
-
-from densegrpo.cli import main
 
 
 def run_cli(capsys, *args):
@@ -27,8 +26,8 @@ def test_sample_writes_a_grid(capsys, tmp_path):
 
 
 def test_score_renders_and_mismatches(capsys, tmp_path):
-    from densegrpo.toy.scenes import render_batch
-    from densegrpo.images import to_pil
+    from densegrpo.run.images import to_pil
+    from densegrpo.worlds.toy.scenes import render_batch
 
     metadata = {"tag": "counting", "include": [{"class": "circle", "count": 2, "color": "red"}], "prompt": "a photo of two red circles"}
     wrong = {"tag": "counting", "include": [{"class": "square", "count": 3, "color": "blue"}], "prompt": "a photo of three blue squares"}

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from densegrpo import config as cfg
-from densegrpo.errors import ConfigError
+from densegrpo.contracts import config as cfg
+from densegrpo.contracts.errors import ConfigError
 
 
 def test_defaults_describe_the_toy_dense_run():

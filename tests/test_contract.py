@@ -3,7 +3,7 @@
 A new plugin is tested by installing it: it appears in ``registry.components()`` and
 runs through the checks of its kind. Components that need weights unavailable offline
 provide a classmethod ``contract_instance()`` that builds a tiny instance (declared in
-``densegrpo.protocols.OPTIONAL_MEMBERS``'s docstring and CONTRIBUTING.md); others are built
+``densegrpo.contracts.protocols.OPTIONAL_MEMBERS``'s docstring and CONTRIBUTING.md); others are built
 from their default ``Config``. Components of another world say what they are fed
 (``contract_prompts()``, ``contract_batch()``; same docstring). Every component must also pass ``protocols.conform``: the
 required members of its kind are there, and the optional ones it defines have the declared
@@ -18,9 +18,8 @@ import math
 import pydantic
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.protocols import (
+from densegrpo.contracts import registry
+from densegrpo.contracts.protocols import (
     OPTIONAL_MEMBERS,
     REQUIRED_MEMBERS,
     AdvantageEstimator,
@@ -35,8 +34,8 @@ from densegrpo.protocols import (
     Trajectory,
     conform,
 )
-from densegrpo.sigmas import make_sigmas
-from densegrpo.testing import GaussianFlowPolicy
+from densegrpo.contracts.testing import GaussianFlowPolicy
+from densegrpo.method.sigmas import make_sigmas
 
 COMPONENTS = [pytest.param(c.kind, c.name, id=f"{c.kind}:{c.name}") for c in registry.components()]
 TOY_METADATA = [

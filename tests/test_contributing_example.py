@@ -28,7 +28,7 @@ def test_contributing_shows_the_example_file_verbatim():
 
 
 def test_rank_gain_ranks_each_steps_gain_within_its_group(rank_gain):
-    from densegrpo.protocols import DenseRewards, RewardBatch
+    from densegrpo.contracts.protocols import DenseRewards, RewardBatch
 
     dense = torch.tensor([[0.1, 0.5, 0.6], [0.1, 0.2, 0.9], [0.1, 0.3, 0.2], [0.4, 0.4, 0.4]])  # (N=4, T+1=3), one group
     gains = DenseRewards(dense).gains()
@@ -41,9 +41,8 @@ def test_rank_gain_ranks_each_steps_gain_within_its_group(rank_gain):
 
 
 def test_the_contributing_bench_command_runs_a_users_arm_and_judges_it(rank_gain, tmp_path):
+    from densegrpo.cli.app import app
     from typer.testing import CliRunner
-
-    from densegrpo.cli import app
 
     out = tmp_path / "rank-lab"
     result = CliRunner().invoke(app, ["bench", "sparse-vs-dense", "--world", "lab", "--quick", "--seeds", "2", "--arm", "flow-grpo",
@@ -59,9 +58,8 @@ def test_the_contributing_bench_command_runs_a_users_arm_and_judges_it(rank_gain
 
 
 def test_a_bad_user_arm_is_a_one_line_error(tmp_path):
+    from densegrpo.cli.app import app
     from typer.testing import CliRunner
-
-    from densegrpo.cli import app
 
     result = CliRunner().invoke(app, ["bench", "sparse-vs-dense", "--world", "lab", "--arm", "mine=no_such_module:Estimator",
                                       "--out", str(tmp_path / "x")])

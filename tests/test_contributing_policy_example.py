@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from densegrpo import registry
+from densegrpo.contracts import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "examples" / "densegrpo-tiny-policy"
@@ -64,7 +63,11 @@ def test_installed_package_registers_both_policies_through_entry_points(plugin):
 
 @pytest.mark.parametrize("name", ["tiny-flow", "tiny-dit"])
 def test_both_pass_the_contract_test(plugin, name):
-    from test_contract import test_class_has_documented_pydantic_config, test_component_has_every_required_member_and_typed_optional_ones, test_policy_contract
+    from test_contract import (
+        test_class_has_documented_pydantic_config,
+        test_component_has_every_required_member_and_typed_optional_ones,
+        test_policy_contract,
+    )
 
     test_component_has_every_required_member_and_typed_optional_ones("policies", name)
     test_class_has_documented_pydantic_config("policies", name)
@@ -73,9 +76,8 @@ def test_both_pass_the_contract_test(plugin, name):
 
 def train_rows(args: list[str], out: Path) -> list[dict]:
     """``densegrpo train ARGS --out OUT`` in this process -> the rows of ``OUT/metrics.jsonl``."""
+    from densegrpo.cli.app import app
     from typer.testing import CliRunner
-
-    from densegrpo.cli import app
 
     result = CliRunner().invoke(app, ["train", *args, "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.protocols import Sampler, Trajectory, conform
-from densegrpo.samplers._gaussian import euler_mean
-from densegrpo.samplers.dance_sde import DanceSDESampler
-from densegrpo.samplers.ode import ODESampler
-from densegrpo.sigmas import make_sigmas
-from densegrpo.testing import GaussianFlowPolicy
+from densegrpo.components.samplers._gaussian import euler_mean
+from densegrpo.components.samplers.dance_sde import DanceSDESampler
+from densegrpo.components.samplers.ode import ODESampler
+from densegrpo.contracts import registry
+from densegrpo.contracts.protocols import Sampler, Trajectory, conform
+from densegrpo.contracts.testing import GaussianFlowPolicy
+from densegrpo.method.sigmas import make_sigmas
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -139,7 +138,7 @@ def test_registered_by_entry_point_in_pyproject() -> None:
     `pip install -e .` (until then the registry finds it by 'module:attr')."""
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
     target = pyproject["project"]["entry-points"]["densegrpo.samplers"]["dance-sde"]
-    assert target == "densegrpo.samplers.dance_sde:DanceSDESampler"
+    assert target == "densegrpo.components.samplers.dance_sde:DanceSDESampler"
     assert isinstance(registry.load("samplers", target, {}), DanceSDESampler)
     if "dance-sde" in registry.available("samplers"):
         assert isinstance(registry.load("samplers", "dance-sde", {}), DanceSDESampler)

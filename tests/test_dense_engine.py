@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from densegrpo.dense import DenseRewardEngine, completion_grid, completion_steps, required_nfe
-from densegrpo.samplers.flow_sde import FlowSDESampler
-from densegrpo.samplers.ode import ODESampler
-from densegrpo.sigmas import make_sigmas
-from densegrpo.testing import CountingPolicy, GaussianFlowPolicy, mean_brightness_reward
+from densegrpo.components.samplers.flow_sde import FlowSDESampler
+from densegrpo.components.samplers.ode import ODESampler
+from densegrpo.contracts.testing import (
+    CountingPolicy,
+    GaussianFlowPolicy,
+    mean_brightness_reward,
+)
+from densegrpo.method.dense import (
+    DenseRewardEngine,
+    completion_grid,
+    completion_steps,
+    required_nfe,
+)
+from densegrpo.method.sigmas import make_sigmas
 
 T, N = 10, 6
 PROMPTS = ["red", "blue", "green", "red", "blue", "green"]

@@ -273,7 +273,7 @@ def test_fsdp_full_fine_tuning_on_two_processes_matches_one_process(tmp_path):
 
 def _parameter_order() -> list[str]:
     """Trainable parameter names of the toy UNet in ``named_parameters`` order (the optimizer's order)."""
-    from densegrpo.policies.toy import ToyPolicy
+    from densegrpo.worlds.toy.policy import ToyPolicy
 
     policy = ToyPolicy(ToyPolicy.Config(weights="random", lora={"enabled": False}))
     return [name for name, p in policy.transformer.named_parameters() if p.requires_grad]

@@ -18,17 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from densegrpo.cli.app import app, main
+from densegrpo.contracts import config as cfg
+from densegrpo.contracts.errors import UserError
+from densegrpo.method.reward_scorer import RewardScorer, WeightedReward
+from densegrpo.run import checkpoint as ckpt
+from densegrpo.run.preemption import Aborted, Preempted
+from densegrpo.run.runs import writer_lock
+from densegrpo.run.train import run_training
 from typer.testing import CliRunner
-
-from densegrpo import checkpoint as ckpt
-from densegrpo import config as cfg
-from densegrpo.build import WeightedReward
-from densegrpo.cli import app, main
-from densegrpo.errors import CheckpointError, UserError
-from densegrpo.preemption import Aborted, Preempted
-from densegrpo.reward_scorer import RewardScorer
-from densegrpo.runs import writer_lock
-from densegrpo.train import run_training
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -463,8 +461,8 @@ def test_a_cached_prompt_encoding_does_not_depend_on_the_prompts_encoded_beside_
     """A batched encoder rounds differently in different batches; here, exaggerated, each row
     carries its batch size. The cache must give "b" the same encoding whether "b" was new
     alone (a resumed run) or together with "a" (the run that saw "a" first)."""
-    from densegrpo.policies.adapter import PromptCache
-    from densegrpo.protocols import Cond
+    from densegrpo.components.policies.adapter import PromptCache
+    from densegrpo.contracts.protocols import Cond
 
     def encode(prompts: list[str]) -> Cond:
         rows = torch.tensor([[float(len(p)), float(len(prompts))] for p in prompts])

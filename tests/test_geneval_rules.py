@@ -10,8 +10,7 @@ import math
 
 import numpy as np
 import pytest
-
-from densegrpo.geneval_rules import (
+from densegrpo.worlds.geneval_rules import (
     Detection,
     clause_credits,
     compute_iou,
@@ -22,7 +21,15 @@ from densegrpo.geneval_rules import (
     relative_position,
     strict_correct,
 )
-from densegrpo.toy.prompts import counting, color_attr, colors, enumerate_prompts, position, single_object, two_object
+from densegrpo.worlds.toy.prompts import (
+    color_attr,
+    colors,
+    counting,
+    enumerate_prompts,
+    position,
+    single_object,
+    two_object,
+)
 
 
 def det(cls, box=(0, 0, 10, 10), color=None, conf=0.95):

@@ -1,4 +1,4 @@
-"""densegrpo.hub: finding weights offline, one-line errors, weights_only state-dict loading."""
+"""densegrpo.contracts.hub: finding weights offline, one-line errors, weights_only state-dict loading."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import sys
 
 import pytest
 import torch
-
-from densegrpo import hub
-from densegrpo.errors import UserError
-from densegrpo.hub import CheckpointLoadError, WeightsNotFoundError, hub_file, load_pretrained, load_state_dict
+from densegrpo.contracts import hub
+from densegrpo.contracts.errors import UserError
+from densegrpo.contracts.hub import (
+    CheckpointLoadError,
+    WeightsNotFoundError,
+    hub_file,
+    load_pretrained,
+    load_state_dict,
+)
 
 
 @pytest.fixture
@@ -113,7 +118,7 @@ def test_device_dtype_and_lazy_import():
     assert hub.resolve_device("cpu") == torch.device("cpu")
     assert hub.resolve_dtype("bfloat16") is torch.bfloat16
     code = (
-        "import sys, densegrpo.hub, densegrpo.rewards.clip_preprocess; "
+        "import sys, densegrpo.contracts.hub, densegrpo.components.rewards.clip_preprocess; "
         "heavy = [m for m in ('transformers', 'huggingface_hub') if m in sys.modules]; assert not heavy, heavy"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

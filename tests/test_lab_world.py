@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
-
-from densegrpo import config as cfg
 from densegrpo.bench.lab import LAB_OVERRIDES, lab_overrides
-from densegrpo.lab import world
-from densegrpo.policies.lab import LabPolicy
-from densegrpo.rewards.lab import LabReward
-from densegrpo.samplers.ode import ODESampler
-from densegrpo.sigmas import make_sigmas
+from densegrpo.components.samplers.ode import ODESampler
+from densegrpo.contracts import config as cfg
+from densegrpo.method.sigmas import make_sigmas
+from densegrpo.worlds.lab import world
+from densegrpo.worlds.lab.policy import LabPolicy
+from densegrpo.worlds.lab.reward import LabReward
 
 
 def marginal(t: float) -> torch.distributions.MixtureSameFamily:
@@ -146,7 +145,7 @@ def test_lab_overrides_set_the_three_dials():
 
 @pytest.mark.slow
 def test_a_short_lab_run_learns_on_held_out_patterns(tmp_path):
-    from densegrpo.train import run_training
+    from densegrpo.run.train import run_training
 
     config = cfg.resolve(None, [*lab_overrides(dim=16, iterations=12), "checkpoint_every=0", "logging.progress=false"])
     summary = run_training(config, tmp_path / "run")

@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from densegrpo.contracts import config as cfg
+from densegrpo.contracts.errors import UserError
+from densegrpo.run import checkpoint as ckpt
+from densegrpo.run.evaluate import paired_gain
+from densegrpo.run.hooks import evaluation
+from densegrpo.run.hooks.checkpoints import restore
+from densegrpo.run.hooks.evaluation import eval_scores, load_eval_base
+from densegrpo.run.state import Run
+from densegrpo.run.train import run_training, train_step
 from safetensors.torch import load_file
-
-from densegrpo import checkpoint as ckpt
-from densegrpo import config as cfg
-from densegrpo.errors import UserError
-from densegrpo.evaluate import paired_gain
-from densegrpo.hooks import evaluation
-from densegrpo.hooks.checkpoints import restore
-from densegrpo.hooks.evaluation import eval_scores, load_eval_base
-from densegrpo.train import Run, run_training, train_step
 
 TESTS = Path(__file__).parent
 ANALYTIC = [
@@ -239,7 +239,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 def test_existing_run_folder_is_not_overwritten(tmp_path):
     run_training(analytic_config("iterations=1", "advantage.name=sparse", "calibrator.name=uniform"), tmp_path / "run")
-    from densegrpo.errors import UserError
+    from densegrpo.contracts.errors import UserError
 
     with pytest.raises(UserError, match="--resume"):
         run_training(analytic_config("iterations=1", "advantage.name=sparse", "calibrator.name=uniform"), tmp_path / "run")
@@ -247,11 +247,11 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 
 @pytest.mark.parametrize("advantage", ["sparse", "dense"])
 def test_multi_reward_sum_of_advantages_equals_weighted_per_reward_advantages(tmp_path, advantage):
-    from densegrpo import registry
-    from densegrpo.batches import TRAIN_STREAM
-    from densegrpo.grpo import rollout
-    from densegrpo.protocols import RewardBatch
-    from densegrpo.rewarding import score
+    from densegrpo.contracts import registry
+    from densegrpo.contracts.protocols import RewardBatch
+    from densegrpo.method.grpo import rollout
+    from densegrpo.method.rewarding import score
+    from densegrpo.run.batches import TRAIN_STREAM
 
     data = cfg.resolve(None, [*ANALYTIC, f"advantage.name={advantage}"]).model_dump(mode="json")
     data["rewards"].append({"name": "loop_components:BrightnessReward", "weight": 0.5, "config": {"target": 0.2}})
@@ -281,8 +281,8 @@ def test_multi_reward_sum_of_advantages_equals_weighted_per_reward_advantages(tm
 
 
 def test_sde_window_choice_follows_the_loop_generator_for_exact_resume():
-    from densegrpo import registry
-    from densegrpo.noise import generator_for
+    from densegrpo.contracts import registry
+    from densegrpo.method.noise import generator_for
 
     sampler = registry.load("samplers", "sde-window", {"window_size": 2})
     starts = [sampler.window(10, generator=generator_for(0, 1, it))[0] for it in range(20)]
@@ -325,8 +325,8 @@ def test_tensorboard_scalars_match_metrics_jsonl(tmp_path):
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
-    from densegrpo.errors import UserError
-    from densegrpo.hooks.tensorboard import open_tensorboard
+    from densegrpo.contracts.errors import UserError
+    from densegrpo.run.hooks.tensorboard import open_tensorboard
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     with pytest.raises(UserError, match="pip install 'densegrpo\\[tensorboard\\]'"):
@@ -408,8 +408,8 @@ def test_zero_noise_steps_are_logged_as_untrained_and_warned_about_once(tmp_path
 
 @pytest.mark.parametrize("dense, step_local, per_reward", [(False, False, False), (True, True, False), (True, False, True)])
 def test_the_scoring_plan_follows_what_the_estimator_and_calibrator_declare(dense, step_local, per_reward):
-    from densegrpo.protocols import RewardNeeds
-    from densegrpo.rewarding import plan_scoring
+    from densegrpo.contracts.protocols import RewardNeeds
+    from densegrpo.method.rewarding import plan_scoring
 
     needs = RewardNeeds(dense=dense, completion=2 if dense else "t", step_local=step_local, per_reward=per_reward)
     plain, calibrating = plan_scoring(needs, False), plan_scoring(needs, True)

@@ -9,11 +9,16 @@ import warnings
 
 import pytest
 import torch
-
-from densegrpo import config as cfg
-from densegrpo.config import RewardSpec
-from densegrpo.monitors import MONITOR_BASE, Monitors, RewardHackingWarning, hacking, monitor_labels
-from densegrpo.train import run_training
+from densegrpo.contracts import config as cfg
+from densegrpo.contracts.config import RewardSpec
+from densegrpo.run.monitors import (
+    MONITOR_BASE,
+    Monitors,
+    RewardHackingWarning,
+    hacking,
+    monitor_labels,
+)
+from densegrpo.run.train import run_training
 
 # Trains on a reward that pays for red only (tests/monitor_rewards.py), at a high learning
 # rate so two iterations move it; watches blue (which must fall) and red itself (which rises).

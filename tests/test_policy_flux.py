@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from densegrpo.components.policies.flux import (
+    FluxPolicy,
+    pack_latents,
+    tiny_flux_components,
+    unpack_latents,
+)
+from densegrpo.contracts import registry
+from densegrpo.contracts.protocols import Policy
 from lora_checks import assert_only_lora_trains
-
-from densegrpo import registry
-from densegrpo.policies.flux import FluxPolicy, pack_latents, tiny_flux_components, unpack_latents
-from densegrpo.protocols import Policy
 
 PROMPTS = ["a red circle", "two blue squares left of a cat"]
 STEPS = 4

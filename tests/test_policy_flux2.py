@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from densegrpo.components.policies.flux2 import (
+    Flux2Policy,
+    pack_tokens,
+    tiny_flux2_components,
+    unpack_tokens,
+)
+from densegrpo.contracts import registry
+from densegrpo.contracts.protocols import Policy
 from lora_checks import assert_only_lora_trains
-
-from densegrpo import registry
-from densegrpo.policies.flux2 import Flux2Policy, pack_tokens, tiny_flux2_components, unpack_tokens
-from densegrpo.protocols import Policy
 
 PROMPTS = ["a red circle", "two blue squares left of a cat"]
 STEPS = 4

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from densegrpo.components.policies.qwen_image import (
+    QwenImagePolicy,
+    qwen_image_guidance,
+    tiny_qwen_image_components,
+)
+from densegrpo.contracts import registry
+from densegrpo.contracts.protocols import Policy
 from lora_checks import assert_only_lora_trains
-
-from densegrpo import registry
-from densegrpo.policies.qwen_image import QwenImagePolicy, qwen_image_guidance, tiny_qwen_image_components
-from densegrpo.protocols import Policy
 
 PROMPTS = ["a red circle", "two blue squares left of a cat"]
 STEPS = 4

@@ -11,12 +11,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.errors import UserError
-from densegrpo.policies.sd3 import SD3Policy, tiny_sd3_components
-from densegrpo.protocols import Policy
-from densegrpo.sigmas import make_sigmas
+from densegrpo.components.policies.sd3 import SD3Policy, tiny_sd3_components
+from densegrpo.contracts import registry
+from densegrpo.contracts.errors import UserError
+from densegrpo.contracts.protocols import Policy
+from densegrpo.method.sigmas import make_sigmas
 
 PROMPTS = ["a red circle", "two blue squares left of a cat"]
 STEPS = 4
@@ -303,7 +302,7 @@ def test_missing_weights_raise_one_line_user_error(tmp_path):
 def test_hub_load_passes_local_files_only_and_leaves_the_environment_alone(monkeypatch):
     import os
 
-    from densegrpo.policies.adapter import hub_load
+    from densegrpo.components.policies.adapter import hub_load
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     seen = []
@@ -335,7 +334,7 @@ def test_folder_without_t5_loads(tmp_path):
 def test_sd35m_recipes_validate(method, task):
     from pathlib import Path
 
-    from densegrpo.config import resolve
+    from densegrpo.contracts.config import resolve
 
     path = Path(__file__).resolve().parents[1] / "configs" / "recipes" / f"{method}-sd35m-{task}.yaml"
     config = resolve(path)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.policies.adapter import FlowTransformerPolicy
-from densegrpo.policies.toy import ToyPolicy, latents_to_pixels, packaged_weights, pixels_to_latents, unet_forward
-from densegrpo.protocols import Policy
-from densegrpo.tokenizers import CLIP_VOCAB_SIZE
+from densegrpo.components.policies.adapter import FlowTransformerPolicy
+from densegrpo.contracts import registry
+from densegrpo.contracts.protocols import Policy
+from densegrpo.contracts.tokenizers import CLIP_VOCAB_SIZE
+from densegrpo.worlds.toy.policy import (
+    ToyPolicy,
+    latents_to_pixels,
+    packaged_weights,
+    pixels_to_latents,
+    unet_forward,
+)
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares"]
 
@@ -72,8 +77,8 @@ def test_shipped_weights_are_small_and_load_from_package_data():
 def test_pretrained_weights_denoise_toy_scenes(resolution):
     """The shipped model's rectified-flow loss on fresh toy scenes (rendered at its resolution) is
     far below a random model's."""
-    from densegrpo.toy.prompts import load_prompts
-    from densegrpo.toy.scenes import render_batch
+    from densegrpo.worlds.toy.prompts import load_prompts
+    from densegrpo.worlds.toy.scenes import render_batch
 
     metadata = load_prompts("toy-test")[:16]
     x0 = pixels_to_latents(render_batch(metadata, seed=123, size=resolution))
@@ -120,7 +125,7 @@ def test_lora_file_round_trip(tmp_path):
 
 
 def test_16px_toy_loads_its_unet_and_the_32px_text_encoder():
-    from densegrpo.policies.toy import TOY_RESOLUTIONS
+    from densegrpo.worlds.toy.policy import TOY_RESOLUTIONS
 
     assert TOY_RESOLUTIONS == (32, 16)
     folder = packaged_weights(16)
@@ -156,15 +161,15 @@ def test_16px_decode_upsamples_and_32px_decode_does_not():
 
 
 def test_unknown_resolution_is_refused():
-    from densegrpo.errors import UserError
-    from densegrpo.policies.toy import build_toy_modules
+    from densegrpo.contracts.errors import UserError
+    from densegrpo.worlds.toy.policy import build_toy_modules
 
     with pytest.raises(UserError, match="resolution 24"):
         build_toy_modules(resolution=24)
 
 
 def test_partial_lora_override_keeps_the_toy_rank():
-    from densegrpo import config as cfg
+    from densegrpo.contracts import config as cfg
 
     resolved = cfg.resolve(None, ["policy.name=toy", "policy.config.lora.target_modules=[attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0]"])
     policy = ToyPolicy(ToyPolicy.Config(**resolved.policy.config, weights="random"))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.policies.adapter import FlowTransformerPolicy
-from densegrpo.policies.toy_latent import ToyLatentPolicy, denoiser_forward, packaged_latent_weights
-from densegrpo.protocols import Policy
-from densegrpo.toy.autoencoder import ToyAutoencoder
-from densegrpo.toy.latent_denoiser import ToyLatentDenoiser
+from densegrpo.components.policies.adapter import FlowTransformerPolicy
+from densegrpo.contracts import registry
+from densegrpo.contracts.protocols import Policy
+from densegrpo.worlds.toy.autoencoder import ToyAutoencoder
+from densegrpo.worlds.toy.latent_denoiser import ToyLatentDenoiser
+from densegrpo.worlds.toy.latent_policy import (
+    ToyLatentPolicy,
+    denoiser_forward,
+    packaged_latent_weights,
+)
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares"]
 
@@ -66,9 +69,9 @@ def test_shipped_latent_weights_are_small_and_load_from_package_data():
 def test_autoencoder_reconstructs_fresh_scenes_the_detector_reads():
     """Unseen renders of held-out prompts survive encode -> decode: the detector's toy-GenEval on
     the reconstructions stays close to that of the renders (the decoder is the latent toy's 'VAE')."""
-    from densegrpo.rewards.toy_geneval import ToyGenEvalReward
-    from densegrpo.toy.prompts import load_prompts
-    from densegrpo.toy.scenes import render_batch
+    from densegrpo.worlds.toy.geneval_reward import ToyGenEvalReward
+    from densegrpo.worlds.toy.prompts import load_prompts
+    from densegrpo.worlds.toy.scenes import render_batch
 
     metadata = load_prompts("toy-test")
     images = render_batch(metadata, seed=321)
@@ -87,8 +90,8 @@ def test_autoencoder_reconstructs_fresh_scenes_the_detector_reads():
 
 
 def test_pretrained_denoiser_beats_a_random_one_on_scene_latents():
-    from densegrpo.toy.prompts import load_prompts
-    from densegrpo.toy.scenes import render_batch
+    from densegrpo.worlds.toy.prompts import load_prompts
+    from densegrpo.worlds.toy.scenes import render_batch
 
     metadata = load_prompts("toy-test")[:32]
     pretrained = ToyLatentPolicy(ToyLatentPolicy.Config(lora={"enabled": False}))
@@ -151,7 +154,7 @@ def test_cfg_on_the_latent_toy(random_policy):
 
 
 def test_missing_weights_are_one_user_error(tmp_path):
-    from densegrpo.errors import UserError
+    from densegrpo.contracts.errors import UserError
 
     with pytest.raises(UserError, match="latent toy weights are missing"):
         ToyLatentPolicy(ToyLatentPolicy.Config(model=str(tmp_path)))

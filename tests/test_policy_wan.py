@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from densegrpo.components.policies.wan import WanPolicy, tiny_wan_components
+from densegrpo.contracts import registry
+from densegrpo.contracts.errors import UserError
+from densegrpo.contracts.protocols import Policy
 from lora_checks import assert_only_lora_trains
-
-from densegrpo import registry
-from densegrpo.errors import UserError
-from densegrpo.policies.wan import WanPolicy, tiny_wan_components
-from densegrpo.protocols import Policy
 
 PROMPTS = ["a red circle", "two blue squares left of a cat"]
 STEPS = 4
@@ -132,8 +131,8 @@ def test_two_grpo_iterations_through_the_trainer_with_a_video_reward(tmp_path, m
     import json
     from pathlib import Path
 
-    from densegrpo import config as cfg
-    from densegrpo.train import run_training
+    from densegrpo.contracts import config as cfg
+    from densegrpo.run.train import run_training
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     config = cfg.resolve(None, [
@@ -174,7 +173,7 @@ def test_two_grpo_iterations_through_the_trainer_with_a_video_reward(tmp_path, m
 def test_a_wan22_folder_and_a_missing_folder_are_one_line_errors(tmp_path):
     import json
 
-    from densegrpo.policies.wan import load_wan_components
+    from densegrpo.components.policies.wan import load_wan_components
 
     folder = tmp_path / "wan22"
     folder.mkdir()

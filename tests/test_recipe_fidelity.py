@@ -11,13 +11,18 @@ import math
 
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.config import TrainConfig
-from densegrpo.distributed import DataParallel, World
-from densegrpo.grpo import Learner, kept_rows, step_loss, untrained_zero_noise_steps, update_policy, zero_advantage_rows
-from densegrpo.protocols import Cond, Trajectory, conform
-
+from densegrpo.contracts import registry
+from densegrpo.contracts.config import TrainConfig
+from densegrpo.contracts.protocols import Cond, Trajectory, conform
+from densegrpo.method.distributed import DataParallel, World
+from densegrpo.method.grpo import (
+    Learner,
+    kept_rows,
+    step_loss,
+    untrained_zero_noise_steps,
+    update_policy,
+    zero_advantage_rows,
+)
 from loop_components import LinearSampler, ShiftPolicy
 
 GRID = torch.tensor([1.0, 0.75, 0.5, 0.0])  # sigma_cap = 0.75; dt = -0.25, -0.25, -0.5
@@ -211,7 +216,7 @@ def test_untrained_zero_noise_steps_counts_zero_levels_among_the_trained_steps()
 def test_method_md_factors_between_the_kl_forms_on_the_default_grid():
     """docs/method.md section 2 lists 1 / (-dt) on the 10-step shift-3 grid; the flow-sde rollout's two
     stds give the same factors: (std_t / step_std)^2."""
-    from densegrpo.sigmas import make_sigmas
+    from densegrpo.method.sigmas import make_sigmas
 
     sigmas = make_sigmas(10, 3.0)
     listed = [25.1, 21.4, 18.0, 14.9, 12.0, 9.5, 7.3, 5.4, 3.7, 112.0]

@@ -8,9 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-
-from densegrpo import registry
-from densegrpo.config import resolve, validate_components
+from densegrpo.contracts import registry
+from densegrpo.contracts.config import resolve, validate_components
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "recipes" / "flow-grpo-wan21-ocr.yaml"

@@ -9,9 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-
-from densegrpo import registry
-from densegrpo.config import resolve, validate_components
+from densegrpo.contracts import registry
+from densegrpo.contracts.config import resolve, validate_components
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*-sd35m-*.yaml"))  # other models' recipes have their own tests

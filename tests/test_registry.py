@@ -6,11 +6,14 @@ import subprocess
 import sys
 
 import pytest
-
-from densegrpo import registry
-from densegrpo.errors import ConfigError, DuplicateComponentError, PluginImportError, UnknownComponentError
-
 from conftest import make_fake_distribution
+from densegrpo.contracts import registry
+from densegrpo.contracts.errors import (
+    ConfigError,
+    DuplicateComponentError,
+    PluginImportError,
+    UnknownComponentError,
+)
 
 BUILTINS = {
     "policies": {"toy", "toy-latent", "sd3", "flux", "wan", "qwen-image", "flux2", "z-image"},
@@ -33,7 +36,7 @@ def test_builtins_are_registered_through_entry_points(kind):
 
 def test_importing_densegrpo_and_listing_is_lazy():
     code = (
-        "import sys; from densegrpo import registry; "
+        "import sys; from densegrpo.contracts import registry; "
         "[registry.components(k) for k in ('policies','samplers','rewards','advantages','calibrators')]; "
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'open_clip', 'peft') if m in sys.modules]; "
         "print(','.join(heavy))"
@@ -56,7 +59,7 @@ def test_unknown_kind():
 
 
 def test_module_attr_reference_loads_without_registration():
-    estimator = registry.load("advantages", "densegrpo.advantages.sparse:SparseAdvantage")
+    estimator = registry.load("advantages", "densegrpo.components.advantages.sparse:SparseAdvantage")
     assert type(estimator).__name__ == "SparseAdvantage"
 
 
@@ -129,7 +132,7 @@ def test_plugin_whose_import_fails_names_plugin_and_package(tmp_path, monkeypatc
 
 
 def test_runtime_register_and_unregister():
-    registry.register("advantages", "runtime-sparse", "densegrpo.advantages.sparse:SparseAdvantage")
+    registry.register("advantages", "runtime-sparse", "densegrpo.components.advantages.sparse:SparseAdvantage")
     try:
         assert "runtime-sparse" in registry.available("advantages")
         assert type(registry.load("advantages", "runtime-sparse")).__name__ == "SparseAdvantage"

@@ -8,14 +8,13 @@ import re
 
 import pytest
 import torch
-
-from densegrpo import config as cfg
-from densegrpo.cli import app
-from densegrpo.hooks.diagnostics import DIAGNOSTICS
-from densegrpo.plots import plot_step_diagnostics, step_windows
-from densegrpo.report import load_run, summary_table
-from densegrpo.step_grad_norms import StepGradNorms
-from densegrpo.train import run_training
+from densegrpo.cli.app import app
+from densegrpo.cli.report import load_run, summary_table
+from densegrpo.contracts import config as cfg
+from densegrpo.method.step_grad_norms import StepGradNorms
+from densegrpo.run.hooks.diagnostics import DIAGNOSTICS
+from densegrpo.run.plots import plot_step_diagnostics, step_windows
+from densegrpo.run.train import run_training
 
 RUN = [
     "iterations=2", "checkpoint_every=0", "sampling.num_steps=4", "sampling.eval_steps=4",

@@ -1,7 +1,7 @@
 """Samplers against independent truth (method.md section 1).
 
 The "policy" is the exact rectified-flow velocity of Gaussian data x0 ~ N(mu, s^2 I)
-(densegrpo.testing.GaussianFlowPolicy), whose marginals N((1 - sigma) mu, (1 - sigma)^2 s^2
+(densegrpo.contracts.testing.GaussianFlowPolicy), whose marginals N((1 - sigma) mu, (1 - sigma)^2 s^2
 + sigma^2) are known in closed form; log-densities come from torch.distributions.
 """
 
@@ -11,16 +11,15 @@ import math
 
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.samplers._gaussian import flow_sde_mean, flow_sde_std
-from densegrpo.samplers.coarse_sde import CoarseSDESampler
-from densegrpo.samplers.cps import CPSSampler
-from densegrpo.samplers.flow_sde import FlowSDESampler
-from densegrpo.samplers.ode import ODESampler
-from densegrpo.samplers.sde_window import SDEWindowSampler
-from densegrpo.sigmas import make_sigmas
-from densegrpo.testing import GaussianFlowPolicy
+from densegrpo.components.samplers._gaussian import flow_sde_mean, flow_sde_std
+from densegrpo.components.samplers.coarse_sde import CoarseSDESampler
+from densegrpo.components.samplers.cps import CPSSampler
+from densegrpo.components.samplers.flow_sde import FlowSDESampler
+from densegrpo.components.samplers.ode import ODESampler
+from densegrpo.components.samplers.sde_window import SDEWindowSampler
+from densegrpo.contracts import registry
+from densegrpo.contracts.testing import GaussianFlowPolicy
+from densegrpo.method.sigmas import make_sigmas
 
 MU, S = 0.7, 0.4  # method.md's marginal table uses x0 ~ N(0.7, 0.4^2)
 SHAPE = (1, 8, 8)  # every latent dim is an independent draw: 64 values per sample
@@ -444,7 +443,7 @@ def _tiny_sd3_policy():
         device = torch.device("cpu")
 
         def encode(self, prompts):
-            from densegrpo.protocols import Cond
+            from densegrpo.contracts.protocols import Cond
 
             generator = torch.Generator().manual_seed(1)
             return Cond(prompt_embeds=torch.randn(len(prompts), 4, 16, generator=generator),

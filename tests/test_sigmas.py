@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from densegrpo.sigmas import make_sigmas
+from densegrpo.method.sigmas import make_sigmas
 
 
 def closed_form(num_steps: int, shift: float) -> np.ndarray:

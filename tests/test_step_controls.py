@@ -15,17 +15,18 @@ import math
 import pytest
 import torch
 import yaml
-
-from densegrpo import config as cfg
-from densegrpo import registry
-from densegrpo.config import TrainConfig
-from densegrpo.distributed import DataParallel, World
-from densegrpo.errors import ConfigError
-from densegrpo.grpo import Learner, step_loss, update_policy
-from densegrpo.protocols import Cond, Trajectory, conform
-from densegrpo.ratio_norm import gaussian_expected_log_ratio, normalized_log_ratio
-from densegrpo.step_weighting import step_weights
-
+from densegrpo.contracts import config as cfg
+from densegrpo.contracts import registry
+from densegrpo.contracts.config import TrainConfig
+from densegrpo.contracts.errors import ConfigError
+from densegrpo.contracts.protocols import Cond, Trajectory, conform
+from densegrpo.method.distributed import DataParallel, World
+from densegrpo.method.grpo import Learner, step_loss, update_policy
+from densegrpo.method.ratio_norm import (
+    gaussian_expected_log_ratio,
+    normalized_log_ratio,
+)
+from densegrpo.method.step_weighting import step_weights
 from loop_components import LinearSampler, ShiftPolicy
 
 GRID = torch.tensor([1.0, 0.75, 0.5, 0.0])
@@ -226,7 +227,7 @@ def test_config_show_describe_lists_every_option_with_its_help_text():
 
 
 def test_the_cli_prints_the_described_config(capsys):
-    from densegrpo.cli import main
+    from densegrpo.cli.app import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["config", "show", "--describe", "--set", "train.step_weighting=tempflow"])

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
-from densegrpo.errors import UserError
-from densegrpo.tokenizers import CLIP_VOCAB_SIZE, check_tokenizer_size, clip_tokenizer
+from densegrpo.contracts.errors import UserError
+from densegrpo.contracts.tokenizers import (
+    CLIP_VOCAB_SIZE,
+    check_tokenizer_size,
+    clip_tokenizer,
+)
 
 SENTENCES = [
     "a photo of two red circles left of a blue square",

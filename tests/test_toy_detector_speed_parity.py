@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from densegrpo.geneval_rules import partial_score
-from densegrpo.toy import detector as fast_detector
-from densegrpo.toy.detector import ToyDetector, _templates
-from densegrpo.toy.prompts import load_prompts
-from densegrpo.toy.scenes import SUPERSAMPLE, render_scenes, sample_scenes
+from densegrpo.worlds.geneval_rules import partial_score
+from densegrpo.worlds.toy import detector as fast_detector
+from densegrpo.worlds.toy.detector import ToyDetector, _templates
+from densegrpo.worlds.toy.prompts import load_prompts
+from densegrpo.worlds.toy.scenes import SUPERSAMPLE, render_scenes, sample_scenes
 
 
 def _load_bench():
@@ -66,8 +65,8 @@ def test_latent_toy_decodes_match_the_reference(scenes, reference):
     """The shipped latent toy's decoder on random latents and on noisy latents of renders (stand-ins
     for the dense engine's per-step clean estimates; benchmarks/bench_toy_detector.py
     --compare-reference also checks real ODE samples and their per-step estimates)."""
-    from densegrpo.policies.toy_latent import packaged_latent_weights
-    from densegrpo.toy.autoencoder import ToyAutoencoder
+    from densegrpo.worlds.toy.autoencoder import ToyAutoencoder
+    from densegrpo.worlds.toy.latent_policy import packaged_latent_weights
 
     metas, clean = scenes[0][:160], scenes[1][:160]
     autoencoder = ToyAutoencoder.from_pretrained(packaged_latent_weights() / "autoencoder").eval()

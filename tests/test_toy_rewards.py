@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from densegrpo import registry
-from densegrpo.errors import ConfigError
-from densegrpo.geneval_rules import strict_correct
-from densegrpo.toy.clip_model import CLIP_VOCAB_SIZE, ToyCLIP
-from densegrpo.toy.prompts import load_prompts
-from densegrpo.toy.scenes import render_scenes, sample_scenes, truth_detections
+from densegrpo.contracts import registry
+from densegrpo.contracts.errors import ConfigError
+from densegrpo.worlds.geneval_rules import strict_correct
+from densegrpo.worlds.toy.clip_model import CLIP_VOCAB_SIZE, ToyCLIP
+from densegrpo.worlds.toy.prompts import load_prompts
+from densegrpo.worlds.toy.scenes import render_scenes, sample_scenes, truth_detections
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from densegrpo.errors import UserError
-from densegrpo.geneval_rules import TAGS, strict_correct
-from densegrpo.toy.detector import ToyDetector
-from densegrpo.toy.prompts import focus_prompts, load_prompts
-from densegrpo.toy.scenes import (
+from densegrpo.contracts.errors import UserError
+from densegrpo.worlds.geneval_rules import TAGS, strict_correct
+from densegrpo.worlds.toy.detector import ToyDetector
+from densegrpo.worlds.toy.prompts import focus_prompts, load_prompts
+from densegrpo.worlds.toy.scenes import (
     PALETTE,
     SHAPES,
     Scene,
@@ -109,7 +108,7 @@ def test_focus_set_is_eight_training_color_attr_prompts_and_regenerates():
     assert len({m["prompt"] for m in focus}) == 8
     assert all(m in train for m in focus)
     assert not {m["prompt"] for m in focus} & {m["prompt"] for m in test}
-    assert focus == focus_prompts(train)  # the shipped file is what `python -m densegrpo.toy.prompts` writes
+    assert focus == focus_prompts(train)  # the shipped file is what `python -m densegrpo.worlds.toy.prompts` writes
     assert focus_prompts(train, seed=1) != focus
 
 

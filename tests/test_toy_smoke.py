@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
-from densegrpo import config as cfg
-from densegrpo import registry
-from densegrpo.train import Run, run_training, train_step
+from densegrpo.contracts import config as cfg
+from densegrpo.contracts import registry
+from densegrpo.run.state import Run
+from densegrpo.run.train import run_training, train_step
 
 SMALL = [
     "iterations=2",

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from densegrpo import registry
-from densegrpo.errors import ConfigError
-from densegrpo.rewards.video_frames import frame_indices
+from densegrpo.components.rewards.video_frames import frame_indices
+from densegrpo.contracts import registry
+from densegrpo.contracts.errors import ConfigError
 
 TARGET = 0.8
 
@@ -64,7 +63,7 @@ def test_every_frame_by_default_and_prompts_follow_their_video():
 
 
 def test_nan_frames_are_left_out_and_all_nan_is_nan():
-    from densegrpo.rewards.video_frames import reduce_frames
+    from densegrpo.components.rewards.video_frames import reduce_frames
 
     scores = torch.tensor([[1.0, float("nan"), 3.0], [float("nan")] * 3])
     assert reduce_frames(scores, "mean")[0].item() == 2.0 and reduce_frames(scores, "max")[0].item() == 3.0

@@ -8,11 +8,10 @@ import struct
 import sys
 
 import pytest
-
-from densegrpo import config as cfg
-from densegrpo.errors import UserError
-from densegrpo.hooks.weights_and_biases import RUN_ID, flatten_record
-from densegrpo.train import run_training
+from densegrpo.contracts import config as cfg
+from densegrpo.contracts.errors import UserError
+from densegrpo.run.hooks.weights_and_biases import RUN_ID, flatten_record
+from densegrpo.run.train import run_training
 
 TINY = [
     "iterations=2", "checkpoint_every=0", "sampling.num_steps=4", "sampling.eval_steps=4",

@@ -1,4 +1,4 @@
-"""Two GRPO iterations of a tiny policy through the full trainer (``densegrpo.train.run_training``), the
+"""Two GRPO iterations of a tiny policy through the full trainer (``densegrpo.run.train.run_training``), the
 check every diffusers policy's test file makes, sparse and dense (issue 22)."""
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ def run_two_iterations(policy: str, advantage: str, run_dir: Path, overrides: tu
     image per sample and dense also the intermediate states; a sample grid and a checkpoint holding
     only LoRA weights were written.
     """
+    from densegrpo.contracts import config as cfg
+    from densegrpo.run.train import run_training
     from safetensors.torch import load_file
-
-    from densegrpo import config as cfg
-    from densegrpo.train import run_training
 
     config = cfg.resolve(None, [
         f"policy.name={policy}",

@@ -1,4 +1,4 @@
-from densegrpo.cli import main
+from densegrpo.cli.app import main
 
 if __name__ == "__main__":
     main()

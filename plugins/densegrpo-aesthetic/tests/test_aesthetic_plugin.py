@@ -12,12 +12,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from densegrpo.errors import UserError
-from densegrpo.hub import WeightsNotFoundError
+from densegrpo.api import UserError, WeightsNotFoundError
 from densegrpo_aesthetic.aesthetic import AestheticMLP, AestheticReward
 from densegrpo_aesthetic.testing import tiny_clip_vision, tiny_mlp
+from PIL import Image
 
 LINEARS = ["layers.0", "layers.2", "layers.4", "layers.6", "layers.7"]
 
@@ -134,7 +132,7 @@ def test_bad_inputs_raise_value_errors(parts):
 
 def test_registered_and_lazy():
     code = (
-        "import sys; from densegrpo import registry; assert 'aesthetic' in registry.available('rewards'); "
+        "import sys; from densegrpo.api import registry; assert 'aesthetic' in registry.available('rewards'); "
         "registry.load_class('rewards', 'aesthetic'); "
         "assert 'transformers' not in sys.modules, 'importing the plugin loaded transformers'; print('ok')"
     )

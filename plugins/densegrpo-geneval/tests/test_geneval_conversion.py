@@ -14,8 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from densegrpo.errors import UserError
+from densegrpo.api import UserError
 from densegrpo_geneval.detector import Instance, box_from_mask
 from densegrpo_geneval.errors import MetadataError
 from densegrpo_geneval.reward import GenEvalReward

@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from densegrpo_geneval.classes import COLOR_TEMPLATES, COLORS, GENEVAL_CLASSES
 from densegrpo_geneval.colors import ColorClassifier
 from densegrpo_geneval.detector import Mask2FormerDetector
 from densegrpo_geneval.reward import GenEvalReward
 from densegrpo_geneval.tiny import tiny_mask2former, tiny_open_clip
+from PIL import Image
 
 METADATA = [
     {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}], "prompt": "a photo of a red cat"},

@@ -13,13 +13,17 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
-
-from densegrpo.errors import UserError
-from densegrpo_hps._hps import TINY_ARCHITECTURE, CheckpointLoadError, WeightsNotFoundError, register_tiny_architecture
+from densegrpo.api import UserError
+from densegrpo_hps._hps import (
+    TINY_ARCHITECTURE,
+    CheckpointLoadError,
+    WeightsNotFoundError,
+    register_tiny_architecture,
+)
 from densegrpo_hps.hpsv2 import HPSv2Reward
 from densegrpo_hps.hpsv21 import HPSv21Reward
 from densegrpo_hps.testing import tiny_hps_model
+from PIL import Image
 
 PROMPTS = ["a red cube on a table", "two dogs", 'a sign that says "OPEN"']
 
@@ -156,7 +160,7 @@ def test_bad_inputs_raise_value_errors():
 
 def test_registered_and_lazy():
     code = (
-        "import sys; from densegrpo import registry; names = registry.available('rewards'); "
+        "import sys; from densegrpo.api import registry; names = registry.available('rewards'); "
         "assert {'hpsv2', 'hpsv2.1'} <= set(names), names; "
         "registry.load_class('rewards', 'hpsv2'); registry.load_class('rewards', 'hpsv2.1'); "
         "assert 'hpsv2' not in sys.modules, 'importing the plugin imported hpsv2'; print('ok')"

@@ -17,7 +17,7 @@ from PIL import Image
 if importlib.util.find_spec("ImageReward") is None:  # its __init__ needs OpenAI clip: do not import it
     pytest.skip("install with `pip install --no-deps image-reward==1.5`", allow_module_level=True)
 
-from densegrpo.errors import UserError  # noqa: E402
+from densegrpo.api import UserError  # noqa: E402
 from densegrpo_imagereward.compat import upstream  # noqa: E402
 from densegrpo_imagereward.errors import MissingWeightsError  # noqa: E402
 from densegrpo_imagereward.model import (  # noqa: E402
@@ -121,6 +121,6 @@ def test_wrong_prompt_count_is_value_error(tiny_model):
 
 
 def test_registered_through_entry_point():
-    from densegrpo import registry
+    from densegrpo.api import registry
 
     assert registry.load_class("rewards", "imagereward") is ImageRewardReward

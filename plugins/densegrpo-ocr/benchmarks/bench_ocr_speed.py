@@ -10,9 +10,8 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
-
 from densegrpo_ocr.reward import OCRReward
+from PIL import Image, ImageDraw, ImageFont
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from densegrpo_ocr.formula import extract_target, normalise, ocr_reward
 from densegrpo_ocr.reward import OCRReward
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
-
-from densegrpo.errors import UserError
+from densegrpo.api import UserError
 from densegrpo_ocr.errors import MissingWeightsError
 from densegrpo_ocr.reward import OCRReward
+from PIL import Image, ImageDraw, ImageFont
 
 
 def render(lines: list[str], size: tuple[int, int] = (512, 256)) -> Image.Image:

@@ -12,13 +12,12 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
-
-from densegrpo.errors import UserError
+from densegrpo.api import UserError
 from densegrpo_pickscore._clip import WeightsNotFoundError
 from densegrpo_pickscore.clipscore import CLIPScoreReward
 from densegrpo_pickscore.pickscore import PickScoreReward
 from densegrpo_pickscore.testing import tiny_clip
+from PIL import Image
 
 PROMPTS = ["a red cube on a table", "two dogs", 'a sign that says "OPEN"', "x"]
 
@@ -175,7 +174,7 @@ def test_bad_inputs_raise_value_errors(clip):
 
 def test_registered_and_lazy():
     code = (
-        "import sys; from densegrpo import registry; names = registry.available('rewards'); "
+        "import sys; from densegrpo.api import registry; names = registry.available('rewards'); "
         "assert {'pickscore', 'clipscore'} <= set(names), names; "
         "cls = registry.load_class('rewards', 'pickscore'); "
         "assert 'transformers' not in sys.modules, 'importing the plugin loaded transformers'; "
@@ -191,7 +190,7 @@ def test_registered_and_lazy():
 
 
 def test_unreachable_hub_fails_fast_with_one_line(monkeypatch):
-    import densegrpo.hub as hub_module
+    import densegrpo.contracts.hub as hub_module
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

@@ -10,9 +10,19 @@ wall-clock (mean +- std over seeds), and the calibrated psi(t) against the unifo
 * :mod:`~densegrpo.bench.stats`: per-run curves and per-arm statistics over seeds;
 * :mod:`~densegrpo.bench.costs`: micro-benchmarks of an iteration's parts;
 * :mod:`~densegrpo.bench.report`: ``report.md`` and the plots.
+
+Part of the face: it runs trainings (:mod:`densegrpo.run`) and is run by the CLI; it never imports the CLI.
 """
 
-from densegrpo.bench.arms import ARMS, DEFAULT_REWARDS, PROFILES, Arm, Profile, arm_config, uniform_level
+from densegrpo.bench.arms import (
+    ARMS,
+    DEFAULT_REWARDS,
+    PROFILES,
+    Arm,
+    Profile,
+    arm_config,
+    uniform_level,
+)
 from densegrpo.bench.costs import measure_costs
 from densegrpo.bench.orchestrate import rerender, run_sparse_vs_dense
 from densegrpo.bench.report import plot_curves, plot_psi, render_report

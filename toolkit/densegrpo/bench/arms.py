@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from densegrpo import config as cfg
-from densegrpo import registry
-from densegrpo.errors import UserError
+from densegrpo.contracts import config as cfg
+from densegrpo.contracts import registry
+from densegrpo.contracts.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from densegrpo import config as cfg
-from densegrpo.build import build
-from densegrpo.dense import DenseRewardEngine
-from densegrpo.evaluate import load_prompt_records
-from densegrpo.noise import draw_noise
-from densegrpo.reward_scorer import RewardScorer
-from densegrpo.sigmas import make_sigmas
+from densegrpo.contracts import config as cfg
+from densegrpo.method.dense import DenseRewardEngine
+from densegrpo.method.noise import draw_noise
+from densegrpo.method.reward_scorer import RewardScorer
+from densegrpo.method.sigmas import make_sigmas
+from densegrpo.run.build import build
+from densegrpo.run.evaluate import load_prompt_records
 
 COST_ARM = "flow-grpo"  # costs are measured on the sparse baseline's components; the dense engine is built here in both modes
 
@@ -36,7 +36,7 @@ def timed(fn: Callable[[], Any], repeat: int = 5) -> float:
 class CostInputs:
     """One batch of ``N`` samples and ``T`` steps, ready for every measurement."""
 
-    parts: Any  # densegrpo.build.Components of the run config
+    parts: Any  # densegrpo.run.build.Components of the run config
     scorer: RewardScorer
     cond: Any  # the policy's conditioning of the N prompts
     noise: Tensor  # (N, C, h, w) initial noise on the policy's device

@@ -1,6 +1,6 @@
 """The credit-assignment lab as a benchmark world (``densegrpo bench sparse-vs-dense --world lab``).
 
-The ``lab`` policy (:mod:`densegrpo.policies.lab`) and reward (:mod:`densegrpo.rewards.lab`)
+The ``lab`` policy (:mod:`densegrpo.worlds.lab.policy`) and reward (:mod:`densegrpo.worlds.lab.reward`)
 make a run of 20 iterations of 64 samples take a few seconds on two CPU cores, so the claims
 can be decided with ten or more seeds in minutes. Its three dials, the latent dimension ``d``,
 the number of sampling steps ``T`` and the stage at which the reward is decided, are the

@@ -17,12 +17,21 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from densegrpo import config as cfg
-from densegrpo.bench.arms import ARMS, DEFAULT_REWARDS, PROFILES, WORLDS, parse_arm, reward_key, uniform_level, world_config
+from densegrpo.bench.arms import (
+    ARMS,
+    DEFAULT_REWARDS,
+    PROFILES,
+    WORLDS,
+    parse_arm,
+    reward_key,
+    uniform_level,
+    world_config,
+)
 from densegrpo.bench.costs import COST_ARM, measure_costs
 from densegrpo.bench.report import PSI_ARM, plot_curves, plot_psi, render_report
 from densegrpo.bench.stats import summarise, summarise_run
-from densegrpo.errors import UserError
+from densegrpo.contracts import config as cfg
+from densegrpo.contracts.errors import UserError
 
 Task = tuple[str, dict[str, Any], int]  # (run folder, run config as JSON, torch threads)
 
@@ -55,7 +64,7 @@ def run_one(task: Task) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One training run (in this process or a worker): returns its metrics rows and summary.
     A folder that already holds the finished run is read, not trained again; an unfinished
     one is trained afresh."""
-    from densegrpo.train import run_training
+    from densegrpo.run.train import run_training
 
     run_dir, data, threads = Path(task[0]), task[1], task[2]
     config = cfg.validate(data)

@@ -11,8 +11,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from densegrpo import plots
 from densegrpo.bench.stats import DECISION_HALF_WIDTH, SMOOTH_WINDOW
+from densegrpo.run import plots
 
 PAPER_COST_RATIO = 19.0 / 11.0  # DenseGRPO paper: 19 vs 11 GPU-hours per 20 steps, n = t vs n = 1
 PSI_ARM = "densegrpo"  # the arm whose calibrated psi(t) is drawn

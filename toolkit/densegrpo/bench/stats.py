@@ -9,7 +9,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from densegrpo.bench.arms import ARMS
-from densegrpo.plots import moving_average
+from densegrpo.run.plots import moving_average
 
 SMOOTH_WINDOW = 3  # iterations in the training reward's moving average: short enough for 8-iteration runs
 SPARSE_ARM = "flow-grpo"  # the baseline whose final reward the other arms race to

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import torch
+from densegrpo.api import (
+    Cond,
+    FlowModelParts,
+    FlowPolicyConfig,
+    FlowTransformerPolicy,
+    LoRAConfig,
+    sd3_transformer_forward,
+)
 from pydantic import Field
 from torch import Tensor, nn
-
-from densegrpo.policies.adapter import FlowModelParts, FlowPolicyConfig, FlowTransformerPolicy
-from densegrpo.policies.lora import LoRAConfig
-from densegrpo.policies.sd3 import sd3_transformer_forward
-from densegrpo.protocols import Cond
 
 
 class TinyDiTPolicy(FlowTransformerPolicy):

@@ -6,10 +6,9 @@ import copy
 from contextlib import contextmanager
 
 import torch
+from densegrpo.api import Cond
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-
-from densegrpo.protocols import Cond
 
 
 class TinyFlowPolicy:

@@ -5,11 +5,18 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from densegrpo.api import (
+    Dtype,
+    Preprocess,
+    check_inputs,
+    hub_file,
+    load_pretrained,
+    load_state_dict,
+    resolve_device,
+    resolve_dtype,
+)
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-
-from densegrpo.hub import Dtype, hub_file, load_pretrained, load_state_dict, resolve_device, resolve_dtype
-from densegrpo.rewards.clip_preprocess import Preprocess, check_inputs
 
 
 class AestheticMLP(nn.Module):

@@ -14,10 +14,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from densegrpo.api import cached_file, hub_reachable, is_local
 from PIL import Image
 from torch import Tensor
-
-from densegrpo.hub import cached_file, hub_reachable, is_local
 
 from densegrpo_geneval.classes import COLOR_TEMPLATES, COLORS
 from densegrpo_geneval.errors import MissingWeightsError

@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from densegrpo.api import hub_reachable, is_local
 from torch import Tensor
-
-from densegrpo.hub import hub_reachable, is_local
 
 from densegrpo_geneval.classes import class_names_for
 from densegrpo_geneval.errors import MissingWeightsError

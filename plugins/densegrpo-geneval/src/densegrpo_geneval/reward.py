@@ -1,6 +1,6 @@
 """The ``geneval`` reward: GenEval's detector pipeline scored by the shared rules (method.md section 5).
 
-Per image: Mask2Former instances -> :class:`densegrpo.geneval_rules.Detection` (class, box from
+Per image: Mask2Former instances -> :class:`densegrpo.api.geneval_rules.Detection` (class, box from
 the mask, score) -> GenEval's filtering (confidence > 0.3, or 0.9 for ``counting``; at most 16
 per class) -> CLIP colours for the classes whose clause asks for one -> the shared rules.
 ``toy-geneval`` calls the same rules, so toy and real score identically given the same
@@ -14,11 +14,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from densegrpo.api import geneval_rules as rules
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
-
-from densegrpo import geneval_rules as rules
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

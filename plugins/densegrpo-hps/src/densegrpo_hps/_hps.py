@@ -14,20 +14,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
-
-from densegrpo.errors import UserError
-from densegrpo.hub import (
+from densegrpo.api import (
     CheckpointLoadError,
     Dtype,
+    UserError,
     WeightsNotFoundError,
+    check_inputs,
     hub_file,
     load_state_dict,
     one_line,
     resolve_device,
     resolve_dtype,
 )
-from densegrpo.rewards.clip_preprocess import check_inputs
+from torch import Tensor
 
 __all__ = ["CheckpointLoadError", "Dtype", "HPSScorer", "WeightsNotFoundError", "build_scorer", "create_model"]
 
@@ -93,7 +92,10 @@ class HPSScorer:
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         if isinstance(size, (tuple, list)) and size[0] != size[1]:
             raise ValueError(f"HPS preprocessing needs a square model input, got image_size {tuple(size)}")
-        from hpsv2.src.open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+        from hpsv2.src.open_clip.constants import (
+            OPENAI_DATASET_MEAN,
+            OPENAI_DATASET_STD,
+        )
 
         self.mean = tuple(getattr(model.visual, "image_mean", None) or OPENAI_DATASET_MEAN)
         self.std = tuple(getattr(model.visual, "image_std", None) or OPENAI_DATASET_STD)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from densegrpo.errors import UserError
+from densegrpo.api import UserError
 
 
 class ImageRewardNotInstalledError(UserError, ImportError):

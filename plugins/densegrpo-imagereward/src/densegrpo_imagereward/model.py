@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from densegrpo.api import hub_reachable, load_state_dict
 from torch import nn
 
-from densegrpo.hub import hub_reachable, load_state_dict
 from densegrpo_imagereward.compat import ALIAS, upstream
 from densegrpo_imagereward.errors import MissingWeightsError
 from densegrpo_imagereward.weights import resolve_file

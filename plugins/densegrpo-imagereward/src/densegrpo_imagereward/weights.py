@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from densegrpo.hub import hub_reachable, is_local
+from densegrpo.api import hub_reachable, is_local
+
 from densegrpo_imagereward.errors import MissingWeightsError
 
 

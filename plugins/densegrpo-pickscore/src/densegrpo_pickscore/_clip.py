@@ -2,8 +2,8 @@
 
 Both rewards of this package compute ``logit_scale.exp() * cos(text, image) / divisor``
 (method.md section 5) with a transformers ``CLIPModel``; they differ only in their weights
-and divisor. Weight loading is ``densegrpo.hub``'s, the torch preprocessing
-``densegrpo.rewards.clip_preprocess``'s. Nothing here imports transformers at module import time.
+and divisor. Weight loading is ``densegrpo.api``'s hub helpers, the torch preprocessing
+``densegrpo.api``'s (``Preprocess``). Nothing here imports transformers at module import time.
 """
 
 from __future__ import annotations
@@ -11,11 +11,17 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal, Sequence
 
 import torch
+from densegrpo.api import (
+    Dtype,
+    Preprocess,
+    WeightsNotFoundError,
+    check_inputs,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+)
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
-
-from densegrpo.hub import Dtype, WeightsNotFoundError, load_pretrained, resolve_device, resolve_dtype
-from densegrpo.rewards.clip_preprocess import Preprocess, check_inputs
 
 __all__ = [
     "CLIPPairReward", "CLIPPairScorer", "CLIPRewardConfig", "Dtype", "PreprocessMode", "WeightsNotFoundError", "build_scorer"

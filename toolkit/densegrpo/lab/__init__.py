@@ -1,2 +1,0 @@
-"""The credit-assignment lab: a low-dimensional world with a closed-form base policy and an
-analytic reward whose decision stage can be chosen (:mod:`densegrpo.lab.world`)."""

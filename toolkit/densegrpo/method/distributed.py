@@ -1,0 +1,260 @@
+"""torch.distributed plumbing for the GRPO loop (torchrun / accelerate launch).
+
+A single process needs no launcher: every function here is the identity when
+``WORLD_SIZE`` is 1. With a launcher, the global batch of ``N`` samples is split into
+``W`` contiguous, equal shards; rewards are all-gathered before advantages, so group
+statistics always see every member of a group even when a group spans ranks. The
+trainable module is handed to torch's own data-parallel engines (:class:`DataParallel`):
+``DistributedDataParallel`` (``train.data_parallel: ddp``, the default) averages the
+gradients over ranks once per optimizer step, and FSDP2's ``fully_shard``
+(``train.data_parallel: fsdp``, for full fine-tuning) shards weights, gradients and
+optimizer state; either way ``W`` processes step like one process on the same global batch.
+Backends: NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ContextManager, Iterator, Literal
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor, nn
+
+from densegrpo.contracts.errors import UserError
+from densegrpo.contracts.sharding import full_tensor
+
+DataParallelMode = Literal["ddp", "fsdp"]
+
+
+@dataclass
+class World:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
+
+    def shard(self, total: int) -> slice:
+        """Rows of a global batch of ``total`` samples that this rank owns."""
+        if total % self.world_size:
+            raise UserError(
+                f"the global batch of {total} samples does not split evenly over {self.world_size} processes; "
+                "choose train.group_size * train.groups_per_iteration divisible by the number of processes"
+            )
+        size = total // self.world_size
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's equal-sized ``local`` along dim 0, in rank order."""
+        if not self.active:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts, dim=0)
+
+    def sum(self, value: float) -> float:
+        """Sum a Python number over ranks."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        torch_dist.all_reduce(tensor)
+        return float(tensor.item())
+
+    def max(self, value: float) -> float:
+        """The largest of a Python number over ranks."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return float(tensor.item())
+
+    def barrier(self) -> None:
+        if self.active:
+            torch_dist.barrier()
+
+    def _comm_device(self) -> torch.device:
+        if torch_dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def launcher_rank() -> int:
+    """This process's global rank as set by torchrun / accelerate launch (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_world(timeout_s: float = 600.0) -> World:
+    """Join the process group if a launcher started us (``WORLD_SIZE > 1``)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return World()
+    rank = launcher_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch_dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        torch_dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return World(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def shutdown(world: World) -> None:
+    """Destroy the process group, after freeing what still holds it.
+
+    DDP/FSDP wrappers keep a reference to the process group; if one outlives
+    ``destroy_process_group`` (a reference cycle not yet collected), gloo's worker threads are
+    torn down at interpreter exit instead, which can abort the process
+    ("terminate called without an active exception").
+    """
+    if world.active:
+        gc.collect()
+        torch_dist.destroy_process_group()
+
+
+class DataParallel:
+    """Hands a policy's trainable module to DDP or FSDP2 and drives gradient synchronisation.
+
+    ``attach(policy)`` calls the policy's optional ``data_parallel(wrap)`` hook (see
+    :class:`densegrpo.contracts.protocols.Policy`): the policy gives :meth:`wrap` a module whose
+    ``forward(x, sigma, cond)`` computes the velocity from the trainable weights, and from then
+    on runs its forward passes with gradients (FSDP: all of them) through the returned module.
+
+    * ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` (``broadcast_buffers=False``;
+      ``device_ids`` the module's GPU, none on CPU). Backward passes inside
+      :meth:`gradient_sync` ``(False)`` accumulate locally (``no_sync``); the next backward
+      averages the accumulated gradients over ranks, once per optimizer step.
+    * ``fsdp``: FSDP2 ``fully_shard`` on every block of the module's first ``ModuleList``\\ s
+      (e.g. ``transformer_blocks``, ``down_blocks``), then on the whole module: weights,
+      gradients and optimizer state are sharded over ranks and gathered block by block for
+      each forward, so every rank must run the same forward passes (rollouts, evaluation).
+      Gradient accumulation uses ``set_requires_gradient_sync(False)``.
+
+    With one process (``world.active`` false) nothing is wrapped and everything is the identity.
+    """
+
+    def __init__(self, world: World, mode: DataParallelMode = "ddp"):
+        if mode not in ("ddp", "fsdp"):
+            raise UserError(f"train.data_parallel '{mode}' is unknown; use 'ddp' or 'fsdp'")
+        self.world = world
+        self.mode = mode
+        self.module: nn.Module | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """True when weights are sharded (FSDP): gathering them and every forward is collective."""
+        return self.module is not None and self.mode == "fsdp"
+
+    def attach(self, policy: Any) -> None:
+        """Let ``policy`` route its trainable forward passes through :meth:`wrap` (no-op in one process)."""
+        if not self.world.active:
+            return
+        hook = policy.data_parallel  # an optional Policy member: None when the policy trains in one process only
+        if hook is None:
+            raise UserError(
+                f"policy {type(policy).__name__} cannot train on several processes: it has no data_parallel(wrap) "
+                "method (see docs/policies.md); run it in one process"
+            )
+        hook(self.wrap)
+        if self.module is None:
+            raise UserError(f"policy {type(policy).__name__}.data_parallel() did not pass its trainable module to wrap()")
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP wrapper of ``module``, or ``module`` itself sharded in place by FSDP2."""
+        if self.module is not None:
+            raise RuntimeError("DataParallel wraps one module; the policy called wrap() twice")
+        device = next(module.parameters()).device
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+            # Buffers are not synchronised on forward (torch 2.14 renamed broadcast_buffers to forward_sync_buffers).
+            renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            buffers = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+            self.module = DistributedDataParallel(module, device_ids=ids, **buffers)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:
+                raise UserError(f"train.data_parallel: fsdp needs FSDP2 (torch >= 2.6, this is {torch.__version__}); use ddp") from None
+            mesh = init_device_mesh(device.type, (self.world.world_size,))
+            for block in _blocks(module):
+                fully_shard(block, mesh=mesh)
+            self.module = fully_shard(module, mesh=mesh)
+        return self.module
+
+    def gradient_sync(self, enabled: bool) -> ContextManager[None]:
+        """Context for one forward+backward: reduce gradients over ranks only if ``enabled``.
+
+        Use ``gradient_sync(False)`` for all but the last backward before an optimizer step.
+        """
+        if not self.world.active:
+            return nullcontext()
+        if self.module is None:
+            raise RuntimeError("attach the policy to DataParallel before training on several processes")
+        if enabled:
+            return nullcontext()
+        if self.mode == "ddp":
+            return self.module.no_sync()  # type: ignore[operator]
+        return self._fsdp_no_sync()
+
+    @contextmanager
+    def _fsdp_no_sync(self) -> Iterator[None]:
+        self.module.set_requires_gradient_sync(False)  # type: ignore[union-attr]
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)  # type: ignore[union-attr]
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer.state_dict()`` with sharded (FSDP) states gathered to full tensors.
+
+        The format is the single-process one, so a checkpoint resumes with any number of
+        processes and either mode. Collective under FSDP: call it on every rank.
+        """
+        state = optimizer.state_dict()
+        if not self.sharded:
+            return state
+        full = {index: {key: full_tensor(value) for key, value in entry.items()} for index, entry in sorted(state["state"].items())}
+        return {"state": full, "param_groups": state["param_groups"]}
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`optimizer_state_dict`: full states are sharded like their parameters."""
+        optimizer.load_state_dict(state)
+        if not self.sharded:
+            return
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if not isinstance(param, DTensor):
+                    continue
+                entry = optimizer.state.get(param, {})
+                for key, value in entry.items():
+                    if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+                        entry[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+
+
+def _blocks(module: nn.Module) -> Iterator[nn.Module]:
+    """Elements of the outermost ``ModuleList``\\ s under ``module`` (a model's repeated blocks)."""
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            yield from child
+        else:
+            yield from _blocks(child)
+
