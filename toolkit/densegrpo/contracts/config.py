@@ -65,6 +65,13 @@ class SamplingConfig(BaseModel):
     num_steps: int = Field(10, ge=1, le=1000, description="T, sampling steps per training rollout (paper: 10).")
     eval_steps: int = Field(40, ge=1, le=1000, description="ODE steps for evaluation and sample grids (paper: 40).")
     shift: float = Field(3.0, gt=0, description="Timestep shift of the sigma grid, as SD3's FlowMatchEulerDiscreteScheduler (3.0).")
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="Rows (samples) per no-grad model call and per VAE decode, in the rollout, the reward scoring, the "
+        "dense-reward engine's completions and the evaluation alike; results equal the unchunked ones to float "
+        "tolerance, and memory stops growing with the batch (null: everything at once).",
+    )
 
 
 class TrainConfig(BaseModel):
@@ -133,6 +140,18 @@ class TrainConfig(BaseModel):
         "their trained steps (gradient accumulation over the steps; a minibatch whose samples were all dropped makes "
         "no step). So inner_epochs * ceil(N / minibatch_size) optimizer steps per iteration. Flow-GRPO's 2 steps per "
         "epoch (config/grpo.py: gradient_accumulation_steps = num_batches_per_epoch // 2) is N / 2, 576 of 1152.",
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Samples per forward pass with gradients: each minibatch's rows run in micro-batches of this many "
+        "and their gradients accumulate, so the optimizer steps, their number and the loss are those of the whole "
+        "minibatch (Flow-GRPO runs 9 per forward; null: this rank's whole minibatch in one forward).",
+    )
+    shuffle_minibatches: bool = Field(
+        False,
+        description="Shuffle the samples before cutting each inner epoch into minibatches, seeded by (seed, iteration, "
+        "epoch), as Flow-GRPO's randperm re-batching (false: rows in order, so a minibatch holds whole prompt groups).",
     )
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate (paper: 3e-4 for SD3.5-M; the toy run's short budget uses 1e-3, which beat 3e-3 there: docs/toy-alignment.md).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (paper: 1e-4).")
@@ -226,6 +245,17 @@ class RunConfig(BaseModel):
     iterations: int = Field(300, ge=0, description="GRPO iterations (rollout + update) to run (the toy run: 300).")
     checkpoint_every: int = Field(10, ge=0, description="Write a checkpoint every K iterations (0: only at the end).")
     device: str = Field("cpu", description="Torch device for the policy, e.g. 'cpu' or 'cuda'.")
+    tf32: bool = Field(
+        True,
+        description="On CUDA, let float32 matmuls and convolutions use TF32 tensor cores, as Flow-GRPO does "
+        "(torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32); no effect on the CPU.",
+    )
+    collective_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Seconds a collective (all-gather, all-reduce, barrier) may wait for the other processes before "
+        "the job fails; torch's NCCL default is 10 minutes, ours 30 so a slow checkpoint or evaluation does not kill the run.",
+    )
     policy: ComponentSpec = Field(
         default_factory=lambda: ComponentSpec(name="toy-latent"),
         description="The flow-matching model being aligned (the toy run: the latent toy, a (4, 4, 4) latent decoded to 32 px).",
