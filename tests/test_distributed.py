@@ -196,6 +196,24 @@ def test_toy_world_two_processes_match_one_process(tmp_path, advantage, groups):
     _assert_same_run(tmp_path / "one", tmp_path / "two", 2)
 
 
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one_process(tmp_path):
+    """Evaluation is sharded over the ranks (9 held-out images: 4 and 5; 3 training-prompt images: 1
+    and 2) and chunked; the logged base, final and monitor rewards are the one-process ones."""
+    items = [*SPANNING, "iterations=1", "logging.eval_prompts=3", "logging.eval_images_per_prompt=3",
+             "logging.train_eval_images_per_prompt=1", "sampling.chunk_size=2",
+             "logging.monitor_rewards=[{name: 'loop_components:BrightnessReward', config: {target: 0.2}}]"]
+    _train(tmp_path / "one", items, 1)
+    _train(tmp_path / "two", items, 2)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    keys = ["eval_reward_base", "eval_reward", "train_eval_reward_base", "train_eval_reward",
+            "monitor_brightnessreward_reward_base", "monitor_brightnessreward_reward"]
+    assert all(key in one[-1] or key in one[0] for key in keys)
+    for key in keys:
+        row = 0 if key.endswith("_base") else -1
+        assert two[row][key] == pytest.approx(one[row][key], abs=1e-6), key
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -244,8 +262,11 @@ def test_fsdp_full_fine_tuning_on_two_processes_matches_one_process(tmp_path):
     """
     _train(tmp_path / "one", [*TOY_FULL, "iterations=1"], 1)
     shutil.copytree(tmp_path / "one", tmp_path / "fsdp")
-    _resume(tmp_path / "one", ["iterations=2"], 1)
-    _resume(tmp_path / "fsdp", ["iterations=2"], 2)
+    # With an evaluation at the end: 3 images over 2 ranks, so the short share pads (every rank runs
+    # the same sharded forwards, or the job would hang).
+    evaluated = ["iterations=2", "logging.eval_prompts=3", "logging.eval_images_per_prompt=1", "sampling.eval_steps=4"]
+    _resume(tmp_path / "one", evaluated, 1)
+    _resume(tmp_path / "fsdp", evaluated, 2)
     one, fsdp = tmp_path / "one", tmp_path / "fsdp"
     assert (_world_size(one, 2), _world_size(fsdp, 2)) == (1, 2)
     moments_one, moments_fsdp = _moments(one, 2), _moments(fsdp, 2)
@@ -269,6 +290,7 @@ def test_fsdp_full_fine_tuning_on_two_processes_matches_one_process(tmp_path):
         total += conditioned.numel()
     assert compared >= 0.8 * total, (compared, total)
     assert [r["nfe_train"] for r in _metrics(one)] == [r["nfe_train"] for r in _metrics(fsdp)]
+    assert _metrics(fsdp)[-1]["eval_reward"] == pytest.approx(_metrics(one)[-1]["eval_reward"], abs=1e-4)
 
 
 def _parameter_order() -> list[str]:

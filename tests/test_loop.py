@@ -89,9 +89,9 @@ def test_evaluation_scores_every_image_of_every_prompt(tmp_path, monkeypatch):
     seen = []
     real = evaluation.eval_images
 
-    def recording(run, prompts):
+    def recording(run, prompts, start_index=0):
         seen.append(list(prompts))
-        return real(run, prompts)
+        return real(run, prompts, start_index)
 
     monkeypatch.setattr(evaluation, "eval_images", recording)
     score = float(eval_scores(trainer).mean())
@@ -142,7 +142,7 @@ def test_training_prompt_evaluation_scores_the_training_prompts_and_survives_res
     trainer = Run(analytic_config(*sets), tmp_path / "probe")
     seen = []
     real = evaluation.eval_images
-    monkeypatch.setattr(evaluation, "eval_images", lambda run, prompts: (seen.append(list(prompts)), real(run, prompts))[1])
+    monkeypatch.setattr(evaluation, "eval_images", lambda run, prompts, start=0: (seen.append(list(prompts)), real(run, prompts, start))[1])
     assert eval_scores(trainer, "train").shape == (9,)
     assert seen == [[r["prompt"] for r in trainer.train_records[:3] for _ in range(3)]]
     assert seen[0] != [r["prompt"] for r in trainer.test_records[:3] for _ in range(3)]  # not the held-out prompts

@@ -69,8 +69,10 @@ class SamplingConfig(BaseModel):
         None,
         ge=1,
         description="Rows (samples) per no-grad model call and per VAE decode, in the rollout, the reward scoring, the "
-        "dense-reward engine's completions and the evaluation alike; results equal the unchunked ones to float "
-        "tolerance, and memory stops growing with the batch (null: everything at once).",
+        "dense-reward engine's completions and the evaluation alike (with classifier-free guidance the transformer "
+        "sees twice as many); results equal the unchunked ones to float tolerance, and memory stops growing with the "
+        "batch (null: the rollout and the terminal decode take the whole per-rank batch at once, the dense engine "
+        "256 rows per call, as before).",
     )
 
 
@@ -135,23 +137,31 @@ class TrainConfig(BaseModel):
         0,
         ge=0,
         description="Samples of the global batch per optimizer step (0: the whole batch, one step per inner epoch). "
-        "Each inner epoch walks the batch in order in ceil(N / minibatch_size) minibatches (the last one smaller when "
-        "it does not divide N) and makes one optimizer step per minibatch, on the mean of its samples' losses over "
-        "their trained steps (gradient accumulation over the steps; a minibatch whose samples were all dropped makes "
-        "no step). So inner_epochs * ceil(N / minibatch_size) optimizer steps per iteration. Flow-GRPO's 2 steps per "
+        "Each inner epoch walks the batch in order (or shuffled: shuffle_minibatches) in ceil(N / minibatch_size) "
+        "minibatches (the last one smaller when it does not divide N) and makes one optimizer step per minibatch, on "
+        "the mean of its samples' losses over their trained steps (gradient accumulation over the steps; a minibatch "
+        "whose samples were all dropped makes no step). So inner_epochs * ceil(N / minibatch_size) optimizer steps per iteration. Flow-GRPO's 2 steps per "
         "epoch (config/grpo.py: gradient_accumulation_steps = num_batches_per_epoch // 2) is N / 2, 576 of 1152.",
     )
     micro_batch_size: int | None = Field(
         None,
         ge=1,
-        description="Samples per forward pass with gradients: each minibatch's rows run in micro-batches of this many "
-        "and their gradients accumulate, so the optimizer steps, their number and the loss are those of the whole "
-        "minibatch (Flow-GRPO runs 9 per forward; null: this rank's whole minibatch in one forward).",
+        description="Samples per forward pass with gradients, per process (with classifier-free guidance in the loss "
+        "the transformer sees twice as many rows; beta > 0 adds a no-grad reference pass of the same size). Each trained "
+        "step of a minibatch runs on the process's rows in micro-batches of at most this many, as many on every process "
+        "as the busiest needs, each micro-batch's loss scaled by its share of the rows: the accumulated gradient, the "
+        "optimizer steps, their number and the logged numbers are those of the whole minibatch up to float rounding, "
+        "and the loss's activations stop growing with the batch (per-step gradient norms then keep one copy of the "
+        "trainable weights' gradient). Flow-GRPO runs 9 per forward. null: the process's whole minibatch in one forward.",
     )
     shuffle_minibatches: bool = Field(
         False,
-        description="Shuffle the samples before cutting each inner epoch into minibatches, seeded by (seed, iteration, "
-        "epoch), as Flow-GRPO's randperm re-batching (false: rows in order, so a minibatch holds whole prompt groups).",
+        description="Shuffle the global batch before cutting each inner epoch into minibatches, as Flow-GRPO's randperm "
+        "re-batching. The order is seeded by (seed, iteration, epoch) alone: the same on every process and on resume. "
+        "Each process trains the samples of a minibatch it holds, so a minibatch is the same samples for any number of "
+        "processes; a process's share varies around minibatch_size / W and is weighted so the gradient stays the "
+        "minibatch's mean. false: rows in order, so a minibatch holds whole prompt groups. No effect with one minibatch "
+        "per epoch (minibatch_size 0).",
     )
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate (paper: 3e-4 for SD3.5-M; the toy run's short budget uses 1e-3, which beat 3e-3 there: docs/toy-alignment.md).")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay (paper: 1e-4).")
@@ -254,7 +264,10 @@ class RunConfig(BaseModel):
         1800.0,
         gt=0,
         description="Seconds a collective (all-gather, all-reduce, barrier) may wait for the other processes before "
-        "the job fails; torch's NCCL default is 10 minutes, ours 30 so a slow checkpoint or evaluation does not kill the run.",
+        "the job fails instead of hanging on a dead rank. torch's default is 10 minutes for NCCL "
+        "(torch.distributed.constants.default_pg_nccl_timeout) and 30 for gloo; ours is 30 on both, because the "
+        "longest legitimate waits are one rank's alone (rank 0 writing a checkpoint while the others wait in a "
+        "barrier, a reward model loading on first use), and these can pass 10 minutes on a slow shared file system.",
     )
     policy: ComponentSpec = Field(
         default_factory=lambda: ComponentSpec(name="toy-latent"),

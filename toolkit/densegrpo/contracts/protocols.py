@@ -30,11 +30,12 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from densegrpo.contracts.errors import UserError
 from densegrpo.contracts.kinds import KINDS
 
 
@@ -122,6 +123,9 @@ class Trajectory:
     cond: Cond
     std_t: Tensor | None = None
 
+    PER_SAMPLE: ClassVar[tuple[str, ...]] = ("latents", "log_probs", "means", "velocities", "trained_steps")
+    """The fields with a leading ``N`` axis (:meth:`select`, :meth:`concat`); the others but ``cond`` are the schedule."""
+
     def __post_init__(self) -> None:
         if self.std_t is None:
             step_size = (self.sigmas[:-1] - self.sigmas[1:]).to(self.step_std)
@@ -146,14 +150,50 @@ class Trajectory:
         """Rows ``index`` of every per-sample tensor."""
         rows = [int(i) for i in (index.tolist() if isinstance(index, Tensor) else index)]
         pick = torch.as_tensor(rows, dtype=torch.long, device=self.latents.device)
-        per_sample = {"latents", "log_probs", "means", "velocities", "trained_steps"}
         changes: dict[str, Any] = {
             f.name: getattr(self, f.name).index_select(0, pick)
             for f in fields(self)
-            if f.name in per_sample
+            if f.name in self.PER_SAMPLE
         }
         changes["cond"] = self.cond.select(rows)
         return replace(self, **changes)
+
+    @classmethod
+    def concat(cls, parts: Iterable["Trajectory"], cond: Cond) -> "Trajectory":
+        """The trajectories ``parts`` stacked along the batch, for the ``N = len(cond)`` rows of ``cond``
+        (``parts`` hold its rows in order; the result's ``cond`` is ``cond`` itself, not a copy).
+
+        ``parts`` is consumed one at a time and each part's rows are copied into tensors allocated
+        once for all ``N`` rows, so with a generator only one part is alive beside the result
+        (``torch.cat`` of a list would hold every part and the result together). Every part must
+        share the first one's schedule (``sigmas``, ``noise_level``, ``step_std``, ``std_t``):
+        rows sampled on different schedules are not one batch.
+        """
+        num_samples = len(cond)
+        result: Trajectory | None = None
+        filled = 0
+        for part in parts:
+            if result is None:
+                # the first part's schedule, with N-row tensors in place of its rows (filled below)
+                empty = {name: getattr(part, name).new_empty((num_samples, *getattr(part, name).shape[1:]))
+                         for name in cls.PER_SAMPLE}
+                result = replace(part, **empty, cond=cond)
+            changed = [name for name in ("sigmas", "noise_level", "step_std", "std_t")
+                       if not torch.equal(getattr(part, name), getattr(result, name))]
+            if changed:
+                raise UserError(
+                    f"the chunks of one rollout were sampled with different {', '.join(changed)}; a sampler that "
+                    "draws its schedule per call needs the rollout's generator, or sample at once (sampling.chunk_size: null)"
+                )
+            count = part.num_samples
+            if filled + count > num_samples:
+                raise ValueError(f"the parts hold more than the {num_samples} rows of cond; pass one part per chunk of its rows.")
+            for name in cls.PER_SAMPLE:
+                getattr(result, name)[filled:filled + count].copy_(getattr(part, name))
+            filled += count
+        if result is None or filled != num_samples:
+            raise ValueError(f"the parts hold {filled} rows but cond has {num_samples}; pass one part per chunk of its rows.")
+        return result
 
 
 @dataclass

@@ -22,7 +22,8 @@ Modes (both give the same rewards, to float rounding):
 * ``"batched"``: the first completion step reuses ``traj.velocities[:, k]`` (the rollout
   already evaluated ``v(x_k, sigma_k)``), and every completion that sits at the same grid
   sigma advances in one model call (rows of several starting steps concatenated, split into
-  near-equal chunks of at most ``max_batch_size``). For ``n = t`` this costs
+  near-equal chunks of at most ``max_batch_size``; the loop sets it to ``sampling.chunk_size``).
+  For ``n = t`` this costs
   ``N * T (T - 1) / 2`` velocity evaluations in ``T - 1`` batched rounds.
 * ``"naive"``: the straightforward reference: for each start ``k`` separately, complete all
   ``N`` samples with ``n`` fresh velocity evaluations at batch ``N`` (``N * T (T + 1) / 2``
@@ -36,6 +37,14 @@ states ``x_k`` and ``x_{k+1}``, so the completions of later states would be wast
 
 The reused velocities must come from the same weights as the engine's ``policy`` (compute
 dense rewards right after the rollout, before any update).
+
+Memory. Every model call and every decode takes at most ``max_batch_size`` rows. A call's
+conditioning is gathered from the trajectory's shared ``traj.cond`` for that call only and
+dropped after it, never cached per chunk: SD3.5-M's embeddings (333 tokens x 4096 in
+bfloat16) are 2.7 MB a row, as much again for the negative's, and a copy cached per distinct
+chunk grew with the batch (at 144 samples per rank, T = 10 and 256-row chunks: 18 chunks,
+4032 rows, 22 GB). Decoded chunks gather their clean estimates by index, without a flat copy
+of all of them.
 """
 
 from __future__ import annotations
@@ -124,6 +133,10 @@ def completed_states(num_steps: int, states: Collection[int] | None) -> list[int
     return [k for k in chosen if k < num_steps]
 
 
+DEFAULT_MAX_BATCH_SIZE = 256
+"""Rows per model call and per decode when ``sampling.chunk_size`` is unset (what the engine always used)."""
+
+
 def _check_mode(mode: str) -> None:
     if mode not in ("batched", "naive"):
         raise ValueError(f"mode must be 'batched' or 'naive', got {mode!r}.")
@@ -139,7 +152,7 @@ class DenseRewardEngine:
     """
 
     def __init__(self, completion: Completion = "t", mode: Literal["batched", "naive"] = "batched",
-                 max_batch_size: int = 256) -> None:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> None:
         _parse_completion(completion)
         _check_mode(mode)
         if int(max_batch_size) != max_batch_size or max_batch_size < 1:
@@ -163,17 +176,15 @@ class DenseRewardEngine:
         estimates[:, -1] = traj.latents[:, -1].to(torch.float32)
         return estimates, nfe
 
-    def _velocity(self, policy: Policy, x: Tensor, sigma: Tensor, rows: Tensor,
-                  cond_cache: dict[tuple[int, ...], Cond], cond: Cond) -> Tensor:
-        """``v(x (M,C,h,w), sigma)`` for trajectory rows ``rows (M,)``, in chunks."""
+    def _velocity(self, policy: Policy, x: Tensor, sigma: Tensor, rows: Tensor, cond: Cond) -> Tensor:
+        """``v(x (M,C,h,w), sigma)`` for trajectory rows ``rows (M,)`` (CPU long) of ``cond``, in
+        near-equal chunks of at most ``max_batch_size`` rows. Each chunk's conditioning is gathered
+        from ``cond`` for its call and released before the next one (see the module docstring)."""
         outputs = []
         num_chunks = math.ceil(x.shape[0] / self.max_batch_size)
         for x_chunk, row_chunk in zip(x.tensor_split(num_chunks), rows.tensor_split(num_chunks)):
-            key = tuple(row_chunk.tolist())
-            if key not in cond_cache:
-                cond_cache[key] = cond.select(row_chunk)
             sigma_rows = sigma.to(torch.float32).expand(x_chunk.shape[0]).contiguous()
-            outputs.append(policy.velocity(x_chunk, sigma_rows, cond_cache[key]).to(torch.float32))
+            outputs.append(policy.velocity(x_chunk, sigma_rows, _rows_of(cond, row_chunk)).to(torch.float32))
         return torch.cat(outputs)
 
     def _batched(self, policy: Policy, traj: Trajectory, starts: list[int]) -> tuple[Tensor, int]:
@@ -185,7 +196,6 @@ class DenseRewardEngine:
         position = {k: 0 for k in starts}  # index into grids[k] of the current sigma
         state = {k: latents[:, k] for k in starts}
         estimates = torch.full_like(latents, math.nan)
-        cond_cache: dict[tuple[int, ...], Cond] = {}
         nfe = 0
         for j in range(num_steps):  # completions only move forward: bucket by grid index j
             waiting = [k for k in starts if k < j and position[k] < len(grids[k]) - 1 and grids[k][position[k]] == j]
@@ -194,7 +204,7 @@ class DenseRewardEngine:
             if waiting:
                 x = torch.cat([state[k] for k in waiting])
                 rows = sample_rows.repeat(len(waiting))
-                v = self._velocity(policy, x, sigmas[j], rows, cond_cache, traj.cond)
+                v = self._velocity(policy, x, sigmas[j], rows, traj.cond)
                 nfe += int(x.shape[0])
                 velocity.update(zip(waiting, v.split(num_samples)))
             for k, v_k in velocity.items():
@@ -211,13 +221,12 @@ class DenseRewardEngine:
         latents = traj.latents.to(torch.float32)
         rows = torch.arange(num_samples)
         estimates = torch.full_like(latents, math.nan)
-        cond_cache: dict[tuple[int, ...], Cond] = {}
         nfe = 0
         for k in starts:
             grid = completion_grid(k, num_steps, self.completion)
             x = latents[:, k]
             for here, there in zip(grid[:-1], grid[1:]):
-                v = self._velocity(policy, x, sigmas[here], rows, cond_cache, traj.cond)
+                v = self._velocity(policy, x, sigmas[here], rows, traj.cond)
                 nfe += num_samples
                 x = x + v * (sigmas[there] - sigmas[here])
             estimates[:, k] = x
@@ -234,13 +243,17 @@ class DenseRewardEngine:
         estimates, nfe = self.clean_estimates(policy, traj, states)
         num_samples, num_states = estimates.shape[:2]
         scored_states = completed_states(traj.num_steps, states) + [traj.num_steps]
-        flat = estimates[:, scored_states].reshape(num_samples * len(scored_states), *estimates.shape[2:])
+        # image j is the estimate of state columns[j] of sample rows[j] (sample-major, as the scores reshape)
         rows = torch.arange(num_samples).repeat_interleave(len(scored_states))
+        columns = torch.tensor(scored_states).repeat(num_samples)
         scores = []
         with torch.no_grad():
-            for start in range(0, flat.shape[0], self.max_batch_size):
+            for start in range(0, rows.numel(), self.max_batch_size):
                 chunk_rows = rows[start:start + self.max_batch_size]
-                images = policy.decode(flat[start:start + self.max_batch_size])
+                chunk_columns = columns[start:start + self.max_batch_size]
+                # gathered per chunk: a flat copy of every estimate would be (N (T+1), C, h, w)
+                latents = estimates[chunk_rows.to(estimates.device), chunk_columns.to(estimates.device)]
+                images = policy.decode(latents)
                 value = torch.as_tensor(score(images, chunk_rows))
                 if value.ndim not in (1, 2) or value.shape[0] != chunk_rows.numel():
                     raise ValueError(
@@ -253,11 +266,20 @@ class DenseRewardEngine:
         by_step_index = torch.full((num_samples, num_states, *values.shape[2:]), math.nan,
                                    dtype=torch.float32, device=values.device)
         by_step_index[:, scored_states] = values
-        return DenseRewards(rewards=by_step_index.flip(1), nfe=nfe, reward_calls=int(flat.shape[0]))
+        return DenseRewards(rewards=by_step_index.flip(1), nfe=nfe, reward_calls=int(rows.numel()))
+
+
+def _rows_of(cond: Cond, rows: Tensor) -> Cond:
+    """``cond``'s rows ``rows (M,)``: ``cond`` itself when they are all of its rows in order (no
+    copy), else a gathered copy the caller holds for one model call."""
+    if rows.numel() == len(cond) and torch.equal(rows, torch.arange(len(cond))):
+        return cond
+    return cond.select(rows)
 
 
 __all__ = [
     "Completion",
+    "DEFAULT_MAX_BATCH_SIZE",
     "DenseRewardEngine",
     "ScoreFn",
     "completion_grid",

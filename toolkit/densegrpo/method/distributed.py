@@ -9,7 +9,9 @@ trainable module is handed to torch's own data-parallel engines (:class:`DataPar
 gradients over ranks once per optimizer step, and FSDP2's ``fully_shard``
 (``train.data_parallel: fsdp``, for full fine-tuning) shards weights, gradients and
 optimizer state; either way ``W`` processes step like one process on the same global batch.
-Backends: NCCL on GPUs, gloo on CPU.
+Backends: NCCL on GPUs, gloo on CPU. Every collective of :class:`World` issues its tensor on a
+device the backend serves (:meth:`World.collective_device`; NCCL serves CUDA only) and hands the
+result back on the caller's device, so callers may pass CPU tensors under any backend.
 """
 
 from __future__ import annotations
@@ -58,38 +60,98 @@ class World:
         size = total // self.world_size
         return slice(self.rank * size, (self.rank + 1) * size)
 
+    def split(self, total: int) -> slice:
+        """This rank's contiguous share of ``total`` items that need not divide evenly (evaluation
+        prompts): rank ``r`` owns ``[r * total // W, (r + 1) * total // W)``, so shares differ by at
+        most one item, some may be empty, and together they are ``range(total)`` in rank order."""
+        return slice(self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size)
+
+    def collective_device(self, device: torch.device | None = None) -> torch.device:
+        """The device a collective's tensor is issued on, for a tensor on ``device`` (``None``: a number).
+
+        The CPU when ``device`` is the CPU and the backend serves it (gloo: no copy); the current
+        device of ``device``'s type when the backend serves that type (a tensor on the rank's GPU is
+        not copied; one on another GPU, e.g. a reward's, moves to the rank's, where NCCL's
+        communicator lives); otherwise the CPU if served, else the current device of the first type
+        the backend serves (NCCL: ``cuda``, the GPU ``init_world`` selected with
+        ``torch.cuda.set_device``). An index-less device such as ``cuda`` means that type's
+        current device wherever a tensor is made or moved.
+
+        Chosen from what the backend declares it serves (``torch.distributed.get_backend_config()``,
+        e.g. ``cuda:nccl`` or ``cpu:gloo,cuda:gloo``), not from its name, so any backend works.
+        """
+        served = served_device_types()
+        if device is not None and device.type in served:
+            return device if device.type == "cpu" else torch.device(device.type)
+        return torch.device("cpu" if "cpu" in served else served[0])
+
     def gather(self, local: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's equal-sized ``local`` along dim 0, in rank order."""
+        """Concatenate every rank's equal-sized ``local (n, ...)`` along dim 0, in rank order: ``(W * n, ...)``.
+
+        The tensor travels on :meth:`collective_device` (NCCL: the rank's GPU, so a CPU tensor makes
+        one round trip of ``W * n`` rows) and comes back on ``local``'s device, in its dtype.
+        """
         if not self.active:
             return local
-        parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        torch_dist.all_gather(parts, local.contiguous())
-        return torch.cat(parts, dim=0)
+        sent = local.to(self.collective_device(local.device)).contiguous()
+        parts = [torch.empty_like(sent) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, sent)
+        return torch.cat(parts, dim=0).to(local.device)
+
+    def gather_split(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """Inverse of :meth:`split`: every rank's share ``local (n_r, ...)`` of ``total`` rows,
+        concatenated in rank order ``(total, ...)``, on ``local``'s device and in its dtype.
+
+        Shares may differ by one row (or be empty), which ``all_gather`` does not allow: each is
+        padded to ``ceil(total / W)`` rows, gathered, and the padding dropped (every rank knows every
+        share's size from ``total``, so no sizes are exchanged).
+        """
+        share = self.split(total)
+        if local.shape[0] != share.stop - share.start:
+            raise ValueError(f"rank {self.rank} holds {local.shape[0]} rows, but its share of {total} is {share.stop - share.start}")
+        if not self.active:
+            return local
+        width = -(-total // self.world_size)
+        padded = local.new_zeros((width, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        gathered = self.gather(padded)
+        sizes = [(r + 1) * total // self.world_size - r * total // self.world_size for r in range(self.world_size)]
+        return torch.cat([gathered[r * width : r * width + size] for r, size in enumerate(sizes)], dim=0)
 
     def sum(self, value: float) -> float:
-        """Sum a Python number over ranks."""
-        if not self.active:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        torch_dist.all_reduce(tensor)
-        return float(tensor.item())
+        """Sum a Python number over ranks (float64 on :meth:`collective_device`: integers exact below 2**53)."""
+        return self._all_reduce(value, torch_dist.ReduceOp.SUM)
 
     def max(self, value: float) -> float:
         """The largest of a Python number over ranks."""
-        if not self.active:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
-        return float(tensor.item())
+        return self._all_reduce(value, torch_dist.ReduceOp.MAX)
 
     def barrier(self) -> None:
-        if self.active:
-            torch_dist.barrier()
+        """Return once every rank has called it.
 
-    def _comm_device(self) -> torch.device:
-        if torch_dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        An all-reduce of one number on :meth:`collective_device`, read back on the host, rather than
+        ``torch.distributed.barrier()``: that one picks its device from the machine's accelerator
+        (and warns, or guesses the GPU from the rank, unless a device was bound at init), not from
+        what the backend serves; reading the result blocks the host as a barrier must.
+        """
+        self._all_reduce(0.0, torch_dist.ReduceOp.SUM)
+
+    def _all_reduce(self, value: float, op: Any) -> float:
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.collective_device())
+        torch_dist.all_reduce(tensor, op=op)
+        return float(tensor.item())  # .item() waits for the result, also on a GPU stream
+
+
+def served_device_types() -> tuple[str, ...]:
+    """Device types (``"cpu"``, ``"cuda"``, ...) the default process group's backend serves, in the
+    order it declares them: NCCL ``("cuda",)``, gloo ``("cpu", "cuda")``."""
+    config = torch_dist.get_backend_config()  # "cuda:nccl", "cpu:gloo,cuda:gloo", ...
+    served = tuple(pair.split(":", 1)[0].strip() for pair in config.split(",") if ":" in pair)
+    if not served:
+        raise RuntimeError(f"the process group's backend configuration '{config}' names no device type")
+    return served
 
 
 def launcher_rank() -> int:
@@ -97,8 +159,13 @@ def launcher_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init_world(timeout_s: float = 600.0) -> World:
-    """Join the process group if a launcher started us (``WORLD_SIZE > 1``)."""
+def init_world(timeout_s: float) -> World:
+    """Join the process group if a launcher started us (``WORLD_SIZE > 1``): NCCL where CUDA is
+    available (each rank on GPU ``LOCAL_RANK``), gloo otherwise.
+
+    ``timeout_s`` (``collective_timeout_s`` of the run config): how long a collective may wait for
+    the other ranks before the job fails, instead of hanging for ever on a dead or stuck rank.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return World()
@@ -177,6 +244,14 @@ class DataParallel:
         if self.module is not None:
             raise RuntimeError("DataParallel wraps one module; the policy called wrap() twice")
         device = next(module.parameters()).device
+        served = served_device_types()
+        if device.type not in served:
+            # DDP's first broadcast would fail with "No backend type associated with device type ..."
+            raise UserError(
+                f"the policy's trainable weights are on {device.type}, but the process group's backend "
+                f"({torch_dist.get_backend()}) serves {', '.join(served)} only; put the policy there "
+                f"(--set device={served[0]})"
+            )
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 

@@ -22,7 +22,7 @@ from densegrpo.contracts.protocols import (
     RewardNeeds,
     Trajectory,
 )
-from densegrpo.method.dense import Completion, DenseRewardEngine
+from densegrpo.method.dense import DEFAULT_MAX_BATCH_SIZE, Completion, DenseRewardEngine
 from densegrpo.method.distributed import World
 from densegrpo.method.reward_scorer import RewardScorer
 
@@ -91,12 +91,19 @@ class Scores:
 
 
 def score(policy: Policy, traj: Trajectory, scorer: RewardScorer, plan: ScoringPlan, world: World,
-          group_size: int, timestep_fraction: float) -> Scores:
-    """Rewards of this rank's trajectories ``traj`` as ``plan`` says, gathered over ranks."""
+          group_size: int, timestep_fraction: float, *, chunk_size: int | None = None) -> Scores:
+    """Rewards of this rank's trajectories ``traj`` as ``plan`` says, gathered over ranks.
+
+    ``chunk_size`` (``sampling.chunk_size``): most rows per decode and per reward call, and per
+    model call of the dense engine. ``None``: the terminal images in one decode, the engine's
+    calls in chunks of :data:`~densegrpo.method.dense.DEFAULT_MAX_BATCH_SIZE`, as always. Every
+    rank gathers once whatever its chunks, so the collectives do not depend on ``chunk_size``.
+    """
     calls_before = scorer.calls
     with torch.no_grad():
         if plan.dense:
-            engine = DenseRewardEngine(completion=plan.completion)
+            engine = DenseRewardEngine(completion=plan.completion,
+                                       max_batch_size=DEFAULT_MAX_BATCH_SIZE if chunk_size is None else chunk_size)
             states = trained_states(traj, timestep_fraction) if plan.step_local else None
             local = engine(policy, traj, scorer, states)
             per_reward = world.gather(local.rewards.float().cpu())  # (N, T+1, R)
@@ -105,7 +112,8 @@ def score(policy: Policy, traj: Trajectory, scorer: RewardScorer, plan: ScoringP
             terminal, terminal_per_reward = dense.terminal, per_reward[:, 0]
         else:
             rows = torch.arange(traj.num_samples)
-            terminal_per_reward = world.gather(scorer(policy.decode(traj.final), rows).float())  # (N, R)
+            local_terminal = decode_and_score(policy, traj.final, scorer, rows, chunk_size)  # (n, R)
+            terminal_per_reward = world.gather(local_terminal.float())  # (N, R)
             terminal, dense, per_reward, nfe = scorer.combine(terminal_per_reward), None, None, 0
     use_dense = plan.estimator_dense
     if plan.per_reward:
@@ -120,6 +128,20 @@ def score(policy: Policy, traj: Trajectory, scorer: RewardScorer, plan: ScoringP
         nfe_calibration=0 if use_dense else nfe,
         reward_calls=int(world.sum(scorer.calls - calls_before)),
     )
+
+
+def decode_and_score(policy: Policy, latents: Tensor, scorer: RewardScorer, rows: Tensor,
+                     chunk_size: int | None = None) -> Tensor:
+    """Raw scores ``(M, R)`` (CPU float32) of the clean ``latents (M, C, h, w)`` of samples
+    ``rows (M,)``: decoded and scored ``chunk_size`` rows at a time (``None``: all in one call),
+    so at most one chunk of images (``(chunk, 3, H, W)`` float32, 3 MB each at 512 px) and of
+    the decoder's activations is alive at once."""
+    if chunk_size is None or chunk_size >= latents.shape[0]:
+        return scorer(policy.decode(latents), rows)
+    return torch.cat([
+        scorer(policy.decode(latents[start:start + chunk_size]), rows[start:start + chunk_size])
+        for start in range(0, latents.shape[0], chunk_size)
+    ])
 
 
 def num_trained_steps(num_steps: int, timestep_fraction: float) -> int:

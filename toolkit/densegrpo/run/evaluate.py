@@ -15,6 +15,7 @@ from torch import Tensor
 
 from densegrpo.contracts import registry
 from densegrpo.contracts.errors import UserError
+from densegrpo.method.distributed import World
 from densegrpo.method.noise import draw_noise
 from densegrpo.method.sigmas import make_sigmas
 
@@ -44,14 +45,27 @@ def load_prompt_records(source: str) -> list[dict[str, Any]]:
     return load_prompts(source)
 
 
+EVAL_CHUNK = 64
+"""Rows per model call and per decode of :func:`generate` when ``sampling.chunk_size`` is not set."""
+
+
 @torch.no_grad()
-def generate(policy: Any, prompts: list[str], steps: int, shift: float, seed: int, start_index: int = 0, batch_size: int = 64) -> Tensor:
-    """ODE samples for ``prompts`` with fixed per-index noise: images ``(N,3,H,W)`` in [0,1]."""
+def generate(policy: Any, prompts: list[str], steps: int, shift: float, seed: int, start_index: int = 0,
+             chunk_size: int | None = None) -> Tensor:
+    """ODE samples for ``prompts`` with fixed per-index noise: images ``(N,3,H,W)`` float32 in [0,1], on the CPU.
+
+    Image ``i`` starts from the noise of index ``start_index + i`` (stream :data:`EVAL_STREAM`), so a
+    rank that generates rows ``[a, b)`` of an evaluation passes ``start_index=a`` and gets the very
+    images one process would. The rows run ``chunk_size`` at a time (``None``: :data:`EVAL_CHUNK`):
+    each chunk is one batch of every model call (``(chunk, C, h, w)`` latents; twice the rows inside
+    the model with CFG) and one decode, and only its images, moved to the CPU, are kept.
+    """
     sampler = registry.load("samplers", "ode")
     sigmas = make_sigmas(steps, shift)
+    rows = EVAL_CHUNK if chunk_size is None else chunk_size
     images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for start in range(0, len(prompts), rows):
+        chunk = prompts[start : start + rows]
         indices = list(range(start_index + start, start_index + start + len(chunk)))
         noise, _ = draw_noise(seed, 0, indices, tuple(policy.latent_shape), 0, stream=EVAL_STREAM)
         cond = policy.encode(chunk)
@@ -69,21 +83,33 @@ def evaluate_policy(
     limit: int | None = None,
     seed: int = 0,
     prompts_source: str | None = None,
+    chunk_size: int | None = None,
+    world: World | None = None,
 ) -> dict[str, Any]:
-    """Score ODE samples of the benchmark's prompts; returns overall and per-tag means."""
+    """Score ODE samples of the benchmark's prompts; returns overall and per-tag means.
+
+    ``chunk_size``: rows per model call and decode (:func:`generate`). With a ``world`` of several
+    processes each rank generates and scores its :meth:`~densegrpo.method.distributed.World.split`
+    share of the ``prompts * per_prompt`` images, and the scores are gathered in order, so every rank
+    returns the one-process report.
+    """
     if benchmark not in BENCHMARKS:
         names = ", ".join(sorted(BENCHMARKS))
         raise UserError(f"unknown benchmark '{benchmark}'; available: {names}")
+    world = world or World()
     spec = BENCHMARKS[benchmark]
     records = load_prompt_records(prompts_source or spec.prompts)[: limit or None]
     expanded = [r for r in records for _ in range(per_prompt)]
-    images = generate(policy, [r["prompt"] for r in expanded], steps, shift, seed)
+    share = world.split(len(expanded))
+    mine = expanded[share]
+    images = generate(policy, [r["prompt"] for r in mine], steps, shift, seed, share.start, chunk_size) if mine else None
     modes = spec.modes or ("score",)
     scores: dict[str, Tensor] = {}
     for mode in modes:
         options = {} if mode == "score" else {"mode": mode}
         reward = registry.load("rewards", spec.reward, options)
-        scores[mode] = reward(images, [r["prompt"] for r in expanded], [r if "include" in r else None for r in expanded]).float()
+        local = reward(images, [r["prompt"] for r in mine], [r if "include" in r else None for r in mine]).float().cpu() if mine else torch.empty(0)
+        scores[mode] = world.gather_split(local, len(expanded))
     per_tag: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for i, record in enumerate(expanded):
         for mode in modes:
@@ -184,5 +210,6 @@ def evaluate_from_cli(target: Path | None, benchmark: str, steps: int | None, pe
     policy = load_policy(config, run_dir)
     prompts_source = config.prompts.test if config.prompts.test != "toy-test" else None
     return evaluate_policy(
-        policy, benchmark, steps or config.sampling.eval_steps, config.sampling.shift, per_prompt, limit, seed, prompts_source
+        policy, benchmark, steps or config.sampling.eval_steps, config.sampling.shift, per_prompt, limit, seed, prompts_source,
+        chunk_size=config.sampling.chunk_size,
     )

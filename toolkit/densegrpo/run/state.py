@@ -26,6 +26,15 @@ from densegrpo.run.evaluate import load_prompt_records
 NFE_KEYS = ("nfe_rollout", "nfe_dense", "nfe_train", "nfe_calibration")
 
 
+def set_tf32(enabled: bool) -> None:
+    """``tf32``: let (or forbid) CUDA float32 matmuls (cuBLAS) and convolutions (cuDNN) run on TF32 tensor
+    cores, a 10-bit mantissa in the products with float32 accumulation. Flow-GRPO's train_sd3.py turns the
+    matmul flag on (``config.allow_tf32``); cuDNN's is on by torch's default, so ``tf32: true`` is its
+    setting. They are process-wide and read only by CUDA kernels: a CPU run is unchanged."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 class Run:
     """One training run's state, shared by its loop and its hooks.
 
@@ -54,6 +63,7 @@ class Run:
             raise UserError(f"no training prompts in '{config.prompts.train}'; point prompts.train at a non-empty file")
         if components is None:
             cfg.validate_components(config)
+        set_tf32(config.tf32)  # before any model runs: process-wide flags, read by CUDA kernels only
         torch.manual_seed(config.seed)
         self.parts = conformed(components) if components is not None else build(config)
         self.parts.calibrator.limit_noise_level(*self.parts.sampler.noise_level_range)
@@ -66,7 +76,8 @@ class Run:
         optimizer = torch.optim.AdamW(
             self.policy.trainable_parameters(), lr=t.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay
         )
-        self.learner = Learner(self.policy, self.parts.sampler, self.parts.advantage, optimizer, parallel, t, sigmas)
+        self.learner = Learner(self.policy, self.parts.sampler, self.parts.advantage, optimizer, parallel, t, sigmas,
+                               chunk_size=config.sampling.chunk_size)
         self.ema = WeightAverage(self.policy, t.ema_decay) if t.ema_decay > 0 else None
         self.batches = PromptBatches(self.train_records, config.seed, self.world, tuple(self.policy.latent_shape), config.sampling.num_steps)
         self.global_batch = t.group_size * t.groups_per_iteration

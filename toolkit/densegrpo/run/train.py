@@ -29,6 +29,10 @@ from densegrpo.run.runs import (
 )
 from densegrpo.run.state import NFE_KEYS, Run
 
+# The minibatch order's key under (seed, TRAIN_STREAM, iteration), beside draw_noise's 0 (initial
+# noise) and 1 (step noise): it depends on nothing else, so a resumed run shuffles as the uninterrupted one.
+MINIBATCH_ORDER = 2
+
 
 def train_step(run: Run) -> dict[str, Any]:
     """Iteration ``run.iteration`` and its share of the totals; returns its metrics record."""
@@ -36,7 +40,9 @@ def train_step(run: Run) -> dict[str, Any]:
     batch = run.batches.draw(index, TRAIN_STREAM, t.groups_per_iteration, t.group_size, t.same_noise_per_group)
     noise_level = run.parts.calibrator.noise_level(run.sigmas)
     plan = run.plans[run.calibrating(index)]
-    run.result = iteration(run.learner, batch, noise_level, plan, run.scorer(batch), generator_for(run.config.seed, TRAIN_STREAM, index))
+    generator = generator_for(run.config.seed, TRAIN_STREAM, index)
+    order_keys = (run.config.seed, TRAIN_STREAM, index, MINIBATCH_ORDER)  # train.shuffle_minibatches
+    run.result = iteration(run.learner, batch, noise_level, plan, run.scorer(batch), generator, order_keys=order_keys)
     if run.ema is not None:
         run.ema.update(run.policy)
     run.iteration = index + 1
@@ -78,7 +84,7 @@ def run_training(config: cfg.RunConfig, run_dir: Path, resume: bool = False, com
     A SIGTERM or SIGINT ends the iteration under way, writes a checkpoint and raises
     :class:`~densegrpo.run.preemption.Preempted` (see :mod:`densegrpo.run.preemption`).
     """
-    world = init_world()
+    world = init_world(config.collective_timeout_s)
     try:
         summary = _train(config, Path(run_dir), resume, world, components, hooks or [], fallback)
         world.barrier()  # every rank is done before the process group goes away

@@ -38,8 +38,9 @@ def calibrate(run: "Run", log: Callable[[dict[str, Any]], None] | None = None) -
         noise_level = calibrator.noise_level(run.sigmas)
         batch = run.batches.draw(round_index, CALIBRATION_STREAM, groups=samples, group_size=1, same_noise=False)
         generator = generator_for(run.config.seed, CALIBRATION_STREAM, round_index)
-        traj = rollout(run.policy, run.parts.sampler, batch, run.sigmas, noise_level, generator)
-        scores = score(run.policy, traj, run.scorer(batch), CALIBRATION_PLAN, run.world, 1, 1.0)
+        chunk_size = run.config.sampling.chunk_size
+        traj = rollout(run.policy, run.parts.sampler, batch, run.sigmas, noise_level, generator, chunk_size=chunk_size)
+        scores = score(run.policy, traj, run.scorer(batch), CALIBRATION_PLAN, run.world, 1, 1.0, chunk_size=chunk_size)
         run.totals["nfe_calibration"] += int(run.world.sum(traj.num_samples * traj.num_steps)) + scores.nfe_calibration
         calibrator.update(scores.calibration_stats(run.sigmas, noise_level))
         entry = {

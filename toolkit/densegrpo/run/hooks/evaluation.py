@@ -28,12 +28,11 @@ def eval_scores(run: "Run", split: str = "test") -> torch.Tensor | None:
 
     ``split`` ``"test"``: the held-out prompts, ``eval_images_per_prompt`` each (``eval_reward``);
     ``"train"``: the training prompts, ``train_eval_images_per_prompt`` each (``train_eval_reward``).
-    ``None`` when that evaluation is off.
+    ``None`` when that evaluation is off. Sharded over ranks (:func:`evaluate_split`): every rank
+    must call it, and every rank gets all the scores.
     """
-    evaluated = eval_samples(run, split)
-    if evaluated is None:
-        return None
-    return eval_rewards(run, *evaluated)
+    evaluated = evaluate_split(run, split)
+    return None if evaluated is None else evaluated[0]
 
 
 def eval_rewards(run: "Run", records: list[dict[str, Any]], images: torch.Tensor) -> torch.Tensor:
@@ -41,9 +40,9 @@ def eval_rewards(run: "Run", records: list[dict[str, Any]], images: torch.Tensor
     return run.records_scorer(records).weighted(images, torch.arange(len(records))).float()
 
 
-def eval_samples(run: "Run", split: str = "test") -> tuple[list[dict[str, Any]], torch.Tensor] | None:
-    """The prompt records (one per image) and ODE images ``(M,3,H,W)`` :func:`eval_scores` scores,
-    or ``None`` when that evaluation is off."""
+def eval_records(run: "Run", split: str = "test") -> list[dict[str, Any]] | None:
+    """The prompt records of evaluation ``split``, one per image (each prompt repeated
+    ``images_per_prompt`` times, in order), or ``None`` when that evaluation is off."""
     logging = run.config.logging
     source, per_prompt = {
         "test": (run.test_records, logging.eval_images_per_prompt),
@@ -52,15 +51,63 @@ def eval_samples(run: "Run", split: str = "test") -> tuple[list[dict[str, Any]],
     count = logging.eval_prompts
     if count == 0 or per_prompt == 0:
         return None
-    records = [r for r in source[:count] for _ in range(per_prompt)]
-    return records, eval_images(run, [r["prompt"] for r in records])
+    return [r for r in source[:count] for _ in range(per_prompt)]
 
 
-def eval_images(run: "Run", prompts: list[str]) -> torch.Tensor:
-    """ODE samples ``(N,3,H,W)`` of ``prompts`` with the evaluation weights and fixed noise."""
+def evaluate_split(run: "Run", split: str = "test", monitors: Monitors | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """Per-image run rewards ``(M,)`` of evaluation ``split`` and each monitor's ``(M,)`` scores of the
+    same images (``monitors``, by label; empty without), equal on every rank; ``None`` when the
+    evaluation is off. Every rank must call it at the same point.
+
+    **Sharded.** Rank ``r`` generates and scores only its share ``run.world.split(M)`` of the ``M``
+    images, each from the noise of its global index, then the scores are gathered in order
+    (:meth:`~densegrpo.method.distributed.World.gather_split`): each image is generated and scored
+    once, and the result is the one-process result. With sharded weights (FSDP) every forward is a
+    collective, so every rank must run the same forwards: a share one row short of
+    ``ceil(M / W)`` is padded with a copy of its last row (an empty share: of row 0), whose image is
+    generated and dropped unscored.
+
+    **Chunked.** The share runs ``sampling.chunk_size`` images at a time (``None``: all at once, the
+    model calls in :data:`~densegrpo.run.evaluate.EVAL_CHUNK`-row batches): each chunk is sampled,
+    decoded, scored by the rewards and monitors, and dropped, so one chunk of images is alive at once.
+    """
+    records = eval_records(run, split)
+    if records is None:
+        return None
+    world, total = run.world, len(records)
+    share = world.split(total)
+    rows = list(range(share.start, share.stop))
+    padded = rows
+    if run.learner.parallel.sharded:
+        width = -(-total // world.world_size)
+        padded = rows + [rows[-1] if rows else 0] * (width - len(rows))
+    chunk = run.config.sampling.chunk_size or max(len(padded), 1)
+    labels = list(monitors.rewards) if monitors else []
+    scores: list[torch.Tensor] = []
+    monitored: dict[str, list[torch.Tensor]] = {label: [] for label in labels}
+    for start in range(0, len(padded), chunk):
+        block = padded[start : start + chunk]
+        images = eval_images(run, [records[i]["prompt"] for i in block], block[0])
+        kept = [records[i] for i in block[: max(0, len(rows) - start)]]  # the padding rows are not scored
+        if not kept:
+            continue
+        images = images[: len(kept)]
+        scores.append(eval_rewards(run, kept, images))
+        if monitors:
+            chunk_scores = monitors.score(images, [r["prompt"] for r in kept], [prompt_metadata(r) for r in kept])
+            for label in labels:
+                monitored[label].append(chunk_scores[label])
+    local = torch.cat(scores) if scores else torch.empty(0)
+    gathered = world.gather_split(local, total)
+    return gathered, {label: world.gather_split(torch.cat(v) if v else torch.empty(0), total) for label, v in monitored.items()}
+
+
+def eval_images(run: "Run", prompts: list[str], start_index: int = 0) -> torch.Tensor:
+    """ODE samples ``(N,3,H,W)`` of ``prompts`` with the evaluation weights and fixed noise; image
+    ``i`` from the noise of index ``start_index + i``; ``sampling.chunk_size`` rows per model call."""
     sampling = run.config.sampling
     with run.evaluation_weights():
-        return generate(run.policy, prompts, sampling.eval_steps, sampling.shift, run.config.seed)
+        return generate(run.policy, prompts, sampling.eval_steps, sampling.shift, run.config.seed, start_index, sampling.chunk_size)
 
 
 def save_eval_base(run_dir: Path, scores: torch.Tensor, prefix: str = "eval") -> None:
@@ -87,8 +134,7 @@ class EvaluationHook:
         self.monitors: Monitors | None = None
 
     def before_training(self, run: "Run") -> None:
-        if not run.shares_rank0_work:
-            return
+        # Every rank evaluates its share (evaluate_split); rank 0 alone writes the files.
         self.monitors = Monitors.build(run.config.logging.monitor_rewards)
         fresh = run.iteration == 0
         for prefix, split in EVALUATIONS.items():
@@ -109,16 +155,9 @@ class EvaluationHook:
             self.monitors.load_base(run.run_dir)
 
     def evaluate(self, run: "Run", split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        """Per-image rewards of evaluation ``split`` and, on the held-out prompts, of each monitor."""
-        evaluated = eval_samples(run, split)
-        if evaluated is None:
-            return None
-        records, images = evaluated
-        scores = eval_rewards(run, records, images)
-        monitored = {}
-        if split == "test" and self.monitors:
-            monitored = self.monitors.score(images, [r["prompt"] for r in records], [prompt_metadata(r) for r in records])
-        return scores, monitored
+        """Per-image rewards of evaluation ``split`` and, on the held-out prompts, of each monitor
+        (:func:`evaluate_split`: sharded over ranks, so every rank calls it)."""
+        return evaluate_split(run, split, self.monitors if split == "test" else None)
 
     def after_iteration(self, run: "Run", record: dict[str, Any]) -> None:
         if record["iteration"] == 0:
@@ -127,7 +166,7 @@ class EvaluationHook:
                     record[f"{prefix}_reward_base"] = nanmean(base)
             if self.monitors:
                 record.update(self.monitors.base_record())
-        if not (run.shares_rank0_work and run.due(run.config.logging.sample_every)):
+        if not run.due(run.config.logging.sample_every):
             return
         for prefix, split in EVALUATIONS.items():
             evaluated = self.evaluate(run, split)
