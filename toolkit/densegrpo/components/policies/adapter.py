@@ -5,8 +5,8 @@ they differ only in the :class:`FlowModelParts` they hand it (how prompts are en
 how the transformer is called, how latents are decoded). Everything GRPO relies on lives
 here once:
 
-* prompt encoding with a cache for repeated prompts (:class:`PromptCache`; text encoders
-  are frozen);
+* prompt encoding with a bounded cache for repeated prompts, held in CPU memory, each batch's
+  encodings moved to the policy's device when used (:class:`PromptCache`; text encoders are frozen);
 * classifier-free guidance ``v = v_neg + g (v_pos - v_neg)`` with a negative prompt
   (:func:`guided_velocity`), and Flow-GRPO's options to apply it (or not) in the loss's
   forward passes, which the loop makes inside :meth:`FlowTransformerPolicy.loss_forward`, and
@@ -16,13 +16,16 @@ here once:
   ``load_lora_weights`` accepts (:mod:`densegrpo.components.policies.lora`); or full fine-tuning with
   a frozen copy as reference;
 * dtype handling: the transformer may run in bfloat16/float16, but ``velocity`` always
-  returns float32 and all step maths stays float32 (method.md section 1).
+  returns float32 and all step maths stays float32 (method.md section 1); with ``autocast`` every
+  transformer call runs under ``torch.autocast`` in that dtype, LoRA included, over float32 master
+  weights (Flow-GRPO's mixed precision).
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -43,6 +46,12 @@ from densegrpo.contracts.protocols import Cond
 from densegrpo.contracts.sharding import copy_into, full_tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+PROMPT_CACHE_SIZE = 1024
+"""Default bound of :class:`PromptCache`: SD3.5 with 128 T5 tokens in bf16 encodes a prompt to ~1.7 MB
+(``(77 + 128) x 4096`` token embeddings), so ~1.7 GB of CPU memory per process. It holds one rank's
+share of the recipes' evaluation set (2048 prompts over 8 ranks: 256) together with the training
+prompts of the 60 iterations between evaluations (6 groups per rank each: 360)."""
 
 CFGGrad = Literal["conditional", "both"]
 """Which CFG branches carry gradients in the loss (``train.cfg_grad``)."""
@@ -78,11 +87,49 @@ class FlowPolicyConfig(BaseModel):
         "the policy's loss_forward()), as Flow-GRPO's train.cfg=True; False makes those unguided. Which guided branch "
         "carries gradients there is train.cfg_grad.",
     )
+    prompt_cache_size: int = Field(
+        PROMPT_CACHE_SIZE,
+        ge=0,
+        description="Most distinct prompts whose encodings the prompt cache keeps, the least recently used dropped first. "
+        "The cache lives in CPU memory (SD3.5, 128 T5 tokens, bf16: ~1.7 MB a prompt, ~1.7 GB at 1024) and each batch's "
+        "encodings move to `device` when used; a dropped prompt is encoded again, to the same values (every prompt is "
+        "encoded alone). 0 keeps none between calls.",
+    )
+    autocast: bool = Field(
+        False,
+        description="Run every transformer call under torch.autocast in `dtype`, as Flow-GRPO trains under accelerate's "
+        "mixed precision: LoRA layers then compute in bfloat16/float16 (tensor cores) over float32 master weights with "
+        "float32 gradients, and autocast's float32 ops (norms, softmax) run in float32. False: each LoRA layer casts its "
+        "input to float32 and computes in float32. No effect when `dtype` is float32; with float16 nothing scales the "
+        "loss, so prefer bfloat16.",
+    )
     model: str | None = Field(None, description="Hugging Face hub id or local folder in diffusers layout.")
     local_files_only: bool = Field(
         True, description="Only read weights already on disk (no network); set False to let diffusers download from the hub."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when downloading.")
+
+
+class DiffusersPolicyConfig(FlowPolicyConfig):
+    """Fields shared by the policies of hub models with a VAE (``sd3``, ``flux``, ``qwen-image``, ``flux2``,
+    ``z-image``, ``wan``); each policy applies them itself (:func:`vae_dtype`, ``enable_gradient_checkpointing``)."""
+
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each transformer block in the backward pass instead of storing its activations "
+        "(diffusers' enable_gradient_checkpointing, non-reentrant): the loss's activation memory shrinks to about one "
+        "block's, for about one more forward per backward; values and gradients are unchanged.",
+    )
+    vae_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="dtype of the VAE's weights and of decoding (latents are cast to it, images come back float32); "
+        "None: `dtype`. Flow-GRPO keeps its VAEs in float32.",
+    )
+
+
+def vae_dtype(config: DiffusersPolicyConfig) -> torch.dtype:
+    """The VAE's dtype: ``config.vae_dtype``, or the weights' ``config.dtype`` when unset."""
+    return resolve_dtype(config.vae_dtype or config.dtype)
 
 
 @dataclass
@@ -191,40 +238,81 @@ def _cat_conds(rows: list[Cond]) -> Cond:
     )
 
 
+def _cond_to(cond: Cond, device: torch.device) -> Cond:
+    """``cond`` (no negative) with every tensor on ``device``; the tensors themselves when already there."""
+    return Cond(
+        prompt_embeds=cond.prompt_embeds.to(device),
+        pooled_embeds=None if cond.pooled_embeds is None else cond.pooled_embeds.to(device),
+        prompts=list(cond.prompts),
+        extra={k: v.to(device) for k, v in cond.extra.items()},
+    )
+
+
+CPU = torch.device("cpu")
+
+
 class PromptCache:
-    """Encodes each distinct prompt once: the text encoders are frozen, so an encoding never changes.
+    """Encodes each distinct prompt once, keeps the ``max_prompts`` most recently used encodings in CPU
+    memory, and hands each batch's encodings over on ``device``.
 
-    Each prompt is encoded on its own, in a batch of one. A batched encoder's float rounding
-    depends on the batch it runs in (matmul blocking, padding), so encoding new prompts
-    together would make a prompt's encoding depend on which other prompts were new at the
-    same time, i.e. on the run's history: a resumed run (empty cache) would then encode
-    differently from the uninterrupted one and drift from it in the last bits.
+    The text encoders are frozen, so an encoding never changes. Kept on the accelerator and never
+    dropped, the encodings of a large prompt set (PickScore's 25k) would fill it; in CPU memory, an
+    LRU of at most ``max_prompts`` prompts bounds the host's share too. A prompt dropped and seen
+    again is encoded again, to the same values: each prompt is encoded on its own, in a batch of
+    one. A batched encoder's float rounding depends on the batch it runs in (matmul blocking,
+    padding), so encoding new prompts together would make a prompt's encoding depend on which other
+    prompts were new at the same time, i.e. on the run's history: a resumed run (empty cache) would
+    then encode differently from the uninterrupted one and drift from it in the last bits.
 
-    ``len(cache)`` is the number of prompts held.
+    A call uses its distinct prompts in the order they first appear, then its negative prompt (the
+    most recently used after the call); a call with more than ``max_prompts`` distinct prompts gets
+    them all and keeps the last ``max_prompts`` used. ``len(cache)`` is the number of prompts held,
+    :meth:`prompts` their order.
     """
 
-    def __init__(self, encode: Callable[[list[str]], Cond]):
+    def __init__(self, encode: Callable[[list[str]], Cond], max_prompts: int = PROMPT_CACHE_SIZE,
+                 device: torch.device | str = CPU):
+        if max_prompts < 0:
+            raise ValueError(f"max_prompts must be >= 0, got {max_prompts}")
         self._encode = encode
-        self._rows: dict[str, Cond] = {}
+        self.max_prompts = int(max_prompts)
+        self.device = torch.device(device)
+        self._rows: OrderedDict[str, Cond] = OrderedDict()  # on the CPU, least recently used first
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def prompts(self) -> list[str]:
+        """The prompts held, least recently used (next to be dropped) first."""
+        return list(self._rows)
 
     def clear(self) -> None:
         self._rows.clear()
 
     def __call__(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
-        """``N`` prompts -> :class:`Cond` of ``N`` rows; with ``negative_prompt``, ``cond.negative`` is
-        that prompt's encoding repeated ``N`` times."""
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._rows]
-        if negative_prompt is not None and negative_prompt not in self._rows:
-            todo.append(negative_prompt)
+        """``N`` prompts -> :class:`Cond` of ``N`` rows on ``device`` (``prompt_embeds (N, L, D)``,
+        ``pooled_embeds (N, P)`` or ``None``, ``extra``); with ``negative_prompt``, ``cond.negative`` is
+        that prompt's encoding repeated ``N`` times.
+
+        Only the call's distinct prompts cross to ``device`` (one copy each); the ``N`` rows are
+        stacked there.
+        """
+        wanted = list(dict.fromkeys(prompts))
+        if negative_prompt is not None and negative_prompt not in wanted:
+            wanted.append(negative_prompt)
+        here: dict[str, Cond] = {}
         with torch.no_grad():
-            for prompt in todo:
-                self._rows[prompt] = self._encode([prompt])
-        cond = _cat_conds([self._rows[p] for p in prompts])
+            for prompt in wanted:
+                row = self._rows.pop(prompt, None)
+                if row is None:
+                    row = _cond_to(self._encode([prompt]), CPU)
+                self._rows[prompt] = row  # (re)inserted last: the most recently used
+                here[prompt] = _cond_to(row, self.device)
+        while len(self._rows) > self.max_prompts:
+            self._rows.popitem(last=False)
+        cond = _cat_conds([here[p] for p in prompts])
         if negative_prompt is not None:
-            cond.negative = _cat_conds([self._rows[negative_prompt]] * len(prompts))
+            cond.negative = _cat_conds([here[negative_prompt]] * len(prompts))
         return cond
 
 
@@ -270,7 +358,7 @@ class FlowTransformerPolicy:
         self.dtype = resolve_dtype(config.dtype)
         self.latent_shape = tuple(int(s) for s in parts.latent_shape)  # type: ignore[assignment]
         self.parts = parts
-        self.transformer = _move(parts.transformer, self.device, self.dtype)
+        self.transformer = move_module(parts.transformer, self.device, self.dtype)
         for module in parts.frozen_modules:
             if module is not None:
                 module.to(self.device).requires_grad_(False).eval()
@@ -280,7 +368,7 @@ class FlowTransformerPolicy:
         self._in_reference = False
         self._in_loss = False
         self._cfg_grad: CFGGrad = "conditional"
-        self._cache = PromptCache(parts.encode)
+        self._cache = PromptCache(parts.encode, config.prompt_cache_size, self.device)
         if config.lora.enabled:
             add_lora(self.transformer, config.lora, parts.default_lora_targets)
         else:
@@ -289,13 +377,19 @@ class FlowTransformerPolicy:
         # Trainable weights stay float32 even when the model runs in bf16 (as Flow-GRPO).
         for param in self.trainable_parameters():
             param.data = param.data.float()
+        # Skipped in float32, so a float32 policy (the toy ones) computes bit for bit as without the option.
+        self._autocast = config.autocast and self.dtype != torch.float32
+        if self._autocast and config.lora.enabled:
+            disable_lora_input_cast(self.transformer)
 
     # ----------------------------------------------------------------- prompts
     def encode(self, prompts: list[str]) -> Cond:
         """Encode ``N`` prompts -> :class:`Cond` (``prompt_embeds (N,L,D)``; ``cond.negative`` the
         negative prompt's ``N`` rows when CFG is on).
 
-        Each distinct prompt is encoded once and cached; text encoders never get gradients.
+        The tensors are on the policy's ``device``. Each distinct prompt is encoded once and cached in
+        CPU memory, the ``prompt_cache_size`` most recently used kept (:class:`PromptCache`); text
+        encoders never get gradients.
         """
         if isinstance(prompts, str):
             raise ValueError("encode() takes a list of prompts, not a single string; wrap it in [ ]")
@@ -358,12 +452,27 @@ class FlowTransformerPolicy:
 
     def _forward(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """One transformer call: the frozen copy in :meth:`reference` (full fine-tuning), else the
-        data-parallel wrapper once :meth:`data_parallel` ran, else the bare transformer."""
-        if self._in_reference and self._reference_transformer is not None:
-            return self.parts.forward(self._reference_transformer, x, sigma, cond)
-        if self._parallel is not None:
-            return self._parallel(x, sigma, cond)
-        return self.parts.forward(self.transformer, x, sigma, cond)
+        data-parallel wrapper once :meth:`data_parallel` ran, else the bare transformer; under
+        ``torch.autocast`` in the weights' dtype with ``autocast`` (the output is then in that dtype;
+        callers upcast)."""
+        with self._precision():
+            if self._in_reference and self._reference_transformer is not None:
+                return self.parts.forward(self._reference_transformer, x, sigma, cond)
+            if self._parallel is not None:
+                return self._parallel(x, sigma, cond)
+            return self.parts.forward(self.transformer, x, sigma, cond)
+
+    def _precision(self) -> Any:
+        """``torch.autocast(device type, dtype)`` with ``autocast`` (and a non-float32 ``dtype``), else a no-op context.
+
+        Every transformer call, with or without gradients, goes through it, as every call of Flow-GRPO's
+        transformer does (accelerate's ``prepare`` runs its forward under autocast, sampling included).
+        Gradient checkpointing's recomputation restores the autocast state of the forward it repeats
+        (``torch.utils.checkpoint``, non-reentrant).
+        """
+        if not self._autocast:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def data_parallel(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Run every transformer call through ``wrap(module)`` (DDP or FSDP, see :class:`densegrpo.method.distributed.DataParallel`).
@@ -474,7 +583,23 @@ class TinyRandomPolicy:
         return cls.tiny_random(seed=0)
 
 
-def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def disable_lora_input_cast(transformer: nn.Module) -> None:
+    """Stop peft's LoRA layers from casting their input to the LoRA weights' dtype (float32).
+
+    Under autocast the cast is a lossless round trip (bf16 -> fp32, then autocast's fp32 -> bf16 for
+    the matmul) that only costs time and a transient float32 copy of each LoRA layer's input. It is
+    switched off once for good rather than per call (``peft.helpers.disable_input_dtype_casting``):
+    every call of the policy's transformer runs under autocast, and the once-off switch also holds
+    in gradient checkpointing's recomputation.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
+def move_module(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
     """``module.to(device, dtype)``, casting only when the dtype changes (diffusers warns on every cast)."""
     current = next(module.parameters()).dtype
     return module.to(device) if current == dtype else module.to(device, dtype)
@@ -483,9 +608,11 @@ def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mod
 __all__ = [
     "DTYPES",
     "CombineGuidance",
+    "DiffusersPolicyConfig",
     "FLOW_GRPO_LORA_TARGETS",
     "FlowModelParts",
     "FlowPolicyConfig",
+    "PROMPT_CACHE_SIZE",
     "FlowTransformerPolicy",
     "LoRAConfig",
     "PromptCache",
@@ -494,5 +621,7 @@ __all__ = [
     "classifier_free_guidance",
     "guided_velocity",
     "hub_load",
+    "move_module",
     "resolve_dtype",
+    "vae_dtype",
 ]

@@ -25,13 +25,15 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from densegrpo.components.policies.adapter import (
+    DiffusersPolicyConfig,
     FlowModelParts,
-    FlowPolicyConfig,
     FlowTransformerPolicy,
     TinyRandomPolicy,
     hub_load,
     hub_model,
+    move_module,
     resolve_dtype,
+    vae_dtype,
 )
 from densegrpo.components.policies.sd3 import tiny_clip_text, vae_decoder
 from densegrpo.contracts.protocols import Cond
@@ -90,7 +92,7 @@ class FluxPolicy(TinyRandomPolicy, FlowTransformerPolicy):
     takes already-built modules (keys as in ``FluxPipeline``); see :meth:`tiny_random`.
     """
 
-    class Config(FlowPolicyConfig):
+    class Config(DiffusersPolicyConfig):
         """FLUX.1 options."""
 
         model: str | None = Field("black-forest-labs/FLUX.1-dev", description="Hub id or local folder (FLUX.1-dev or FLUX.1-schnell).")
@@ -102,6 +104,11 @@ class FluxPolicy(TinyRandomPolicy, FlowTransformerPolicy):
             3.5, ge=0, description="Distilled guidance fed to FLUX.1-dev's guidance embedding (FluxPipeline's guidance_scale); ignored by schnell."
         )
         max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens per prompt (dev: 512, schnell: 256).")
+        text_encoder_device: str | None = Field(
+            None,
+            description="Where CLIP-L and T5-XXL run, e.g. 'cpu' to keep their ~9.8 GB (bf16) off the accelerator (each "
+            "distinct prompt is encoded once and cached; on a CPU, T5-XXL takes seconds a prompt); None: the policy's device.",
+        )
 
     def __init__(self, config: Config | None = None, components: dict[str, Any] | None = None):
         config = config if config is not None else self.Config()
@@ -111,8 +118,12 @@ class FluxPolicy(TinyRandomPolicy, FlowTransformerPolicy):
         components = dict(components)
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-        for name in ("text_encoder", "text_encoder_2", "vae"):
-            components[name] = components[name].to(config.device, dtype)
+        # The text encoders live on their own device and are frozen here: the adapter moves its frozen_modules
+        # to the policy's device, which text_encoder_device must be free to avoid.
+        text_device = torch.device(config.text_encoder_device or config.device)
+        for name in ("text_encoder", "text_encoder_2"):
+            components[name] = components[name].to(text_device, dtype).requires_grad_(False).eval()
+        components["vae"] = move_module(components["vae"], config.device, vae_dtype(config))
         self.pipeline = FluxPipeline(
             scheduler=components.pop("scheduler", None) or FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), **components
         )
@@ -121,12 +132,12 @@ class FluxPolicy(TinyRandomPolicy, FlowTransformerPolicy):
         if config.resolution % (factor * 2):
             raise ValueError(f"resolution {config.resolution} must be a multiple of {factor * 2} for FLUX's 2x2 packing; use e.g. 512")
         size = config.resolution // factor
-        device = torch.device(config.device)
         pipeline = self.pipeline
 
         def encode(prompts: list[str]) -> Cond:
+            # on the text encoders' device; the prompt cache keeps rows on the CPU and hands them over on `device`
             embeds, pooled, _ = pipeline.encode_prompt(
-                prompt=prompts, prompt_2=None, device=device, max_sequence_length=config.max_sequence_length
+                prompt=prompts, prompt_2=None, device=text_device, max_sequence_length=config.max_sequence_length
             )
             return Cond(prompt_embeds=embeds.to(dtype), pooled_embeds=pooled.to(dtype), prompts=list(prompts))
 
@@ -137,9 +148,11 @@ class FluxPolicy(TinyRandomPolicy, FlowTransformerPolicy):
             decode=vae_decoder(vae),
             latent_shape=(int(components["transformer"].config.in_channels) // 4, size, size),
             lora_pipeline=FluxPipeline,
-            frozen_modules=(components["text_encoder"], components["text_encoder_2"], vae),
+            frozen_modules=(vae,),
         )
         super().__init__(parts, config)
+        if config.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
 
     @classmethod
     def tiny_parts(cls, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:

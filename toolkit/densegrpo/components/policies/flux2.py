@@ -21,20 +21,22 @@ it off the accelerator (each distinct prompt is encoded once and cached).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from densegrpo.components.policies.adapter import (
+    DiffusersPolicyConfig,
     FlowModelParts,
-    FlowPolicyConfig,
     FlowTransformerPolicy,
     TinyRandomPolicy,
     hub_load,
     hub_model,
+    move_module,
     resolve_dtype,
+    vae_dtype,
 )
 from densegrpo.components.policies.lora import LoRAConfig
 from densegrpo.contracts.errors import UserError
@@ -122,7 +124,7 @@ class Flux2Policy(TinyRandomPolicy, FlowTransformerPolicy):
     already-built modules (keys as in ``Flux2Pipeline``); see :meth:`tiny_random`.
     """
 
-    class Config(FlowPolicyConfig):
+    class Config(DiffusersPolicyConfig):
         """FLUX.2 options (defaults: Flow-Factory's examples/grpo/lora/flux2/t2i.yaml)."""
 
         model: str | None = Field("black-forest-labs/FLUX.2-dev", description="Hub id or local folder (FLUX.2-dev, diffusers layout).")
@@ -145,6 +147,9 @@ class Flux2Policy(TinyRandomPolicy, FlowTransformerPolicy):
         text_encoder_device: str | None = Field(
             None, description="Where Mistral-Small-3.1 runs, e.g. 'cpu' to keep its ~48 GB (bf16) off the accelerator; None: the policy's device."
         )
+        vae_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+            "float32", description="dtype of the VAE's weights and of decoding; None: `dtype` (float32 by default, as Flow-GRPO keeps its VAEs)."
+        )
 
     def __init__(self, config: Config | None = None, components: dict[str, Any] | None = None):
         config = config if config is not None else self.Config()
@@ -156,7 +161,7 @@ class Flux2Policy(TinyRandomPolicy, FlowTransformerPolicy):
 
         text_device = torch.device(config.text_encoder_device or config.device)
         components["text_encoder"] = components["text_encoder"].to(text_device, dtype)
-        components["vae"] = components["vae"].to(config.device)  # float32, as the Qwen-Image and Wan policies keep their VAEs
+        components["vae"] = move_module(components["vae"], config.device, vae_dtype(config))  # float32 by default, as the other VAEs
         # The pipeline object only serves encode_prompt; sampling is the toolkit's. Its guidance_scale is
         # the embedded one, not the adapter's CFG, so the adapter's CFG is kept off (scale 1).
         self.pipeline = Flux2Pipeline(

@@ -25,21 +25,23 @@ cached).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from densegrpo.components.policies.adapter import (
+    DiffusersPolicyConfig,
     FlowModelParts,
-    FlowPolicyConfig,
     FlowTransformerPolicy,
     TinyRandomPolicy,
     classifier_free_guidance,
     hub_load,
     hub_model,
+    move_module,
     resolve_dtype,
+    vae_dtype,
 )
 from densegrpo.components.policies.flux import pack_latents, unpack_latents
 from densegrpo.components.policies.lora import LoRAConfig
@@ -124,7 +126,7 @@ class QwenImagePolicy(TinyRandomPolicy, FlowTransformerPolicy):
     takes already-built modules (keys as in ``QwenImagePipeline``); see :meth:`tiny_random`.
     """
 
-    class Config(FlowPolicyConfig):
+    class Config(DiffusersPolicyConfig):
         """Qwen-Image options (defaults: Flow-GRPO's pickscore_qwenimage in config/grpo.py and scripts/train_qwenimage.py)."""
 
         model: str | None = Field("Qwen/Qwen-Image", description="Hub id or local folder (Qwen-Image or Qwen-Image-2512, diffusers layout).")
@@ -145,6 +147,9 @@ class QwenImagePolicy(TinyRandomPolicy, FlowTransformerPolicy):
         text_encoder_device: str | None = Field(
             None, description="Where Qwen2.5-VL runs, e.g. 'cpu' to keep its ~16.6 GB (bf16) off the accelerator; None: the policy's device."
         )
+        vae_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+            "float32", description="dtype of the VAE's weights and of decoding; None: `dtype` (Flow-GRPO's train_qwenimage.py keeps the Qwen-Image VAE in float32)."
+        )
 
     def __init__(self, config: Config | None = None, components: dict[str, Any] | None = None):
         config = config if config is not None else self.Config()
@@ -159,7 +164,7 @@ class QwenImagePolicy(TinyRandomPolicy, FlowTransformerPolicy):
             raise UserError("the qwen-image policy trains Qwen-Image without a guidance embedding; this transformer has guidance_embeds")
         text_device = torch.device(config.text_encoder_device or config.device)
         components["text_encoder"] = components["text_encoder"].to(text_device, dtype)
-        components["vae"] = components["vae"].to(config.device)  # float32, as Flow-GRPO keeps the Qwen-Image VAE
+        components["vae"] = move_module(components["vae"], config.device, vae_dtype(config))  # float32 by default, as Flow-GRPO
         # The pipeline object only serves encode_prompt; sampling is the toolkit's.
         self.pipeline = QwenImagePipeline(
             scheduler=components.pop("scheduler", None) or FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), **components

@@ -23,13 +23,15 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from densegrpo.components.policies.adapter import (
+    DiffusersPolicyConfig,
     FlowModelParts,
-    FlowPolicyConfig,
     FlowTransformerPolicy,
     TinyRandomPolicy,
     hub_load,
     hub_model,
+    move_module,
     resolve_dtype,
+    vae_dtype,
 )
 from densegrpo.contracts.protocols import Cond
 
@@ -73,7 +75,7 @@ class SD3Policy(TinyRandomPolicy, FlowTransformerPolicy):
     tests and :meth:`tiny_random` build it.
     """
 
-    class Config(FlowPolicyConfig):
+    class Config(DiffusersPolicyConfig):
         """SD3/SD3.5 options (defaults: Flow-GRPO / DenseGRPO on SD3.5-Medium, method.md section 2)."""
 
         model: str | None = Field(
@@ -85,6 +87,11 @@ class SD3Policy(TinyRandomPolicy, FlowTransformerPolicy):
         )
         max_sequence_length: int = Field(
             256, ge=1, le=512, description="T5 tokens per prompt (diffusers' default 256; Flow-GRPO uses 128)."
+        )
+        text_encoder_device: str | None = Field(
+            None,
+            description="Where CLIP-L, CLIP-G and T5-XXL run, e.g. 'cpu' to keep their ~11 GB (bf16) off the accelerator "
+            "(each distinct prompt is encoded once and cached; on a CPU, T5-XXL takes seconds a prompt); None: the policy's device.",
         )
 
     def __init__(self, config: Config | None = None, components: dict[str, Any] | None = None):
@@ -98,9 +105,13 @@ class SD3Policy(TinyRandomPolicy, FlowTransformerPolicy):
             components["tokenizer_3"] = None
         from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        # The text encoders live on their own device and are frozen here: the adapter moves its frozen_modules
+        # to the policy's device, which text_encoder_device must be free to avoid.
+        text_device = torch.device(config.text_encoder_device or config.device)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if components.get(name) is not None:
-                components[name] = components[name].to(config.device, dtype)
+                components[name] = components[name].to(text_device, dtype).requires_grad_(False).eval()
+        components["vae"] = move_module(components["vae"], config.device, vae_dtype(config))
         components.setdefault("text_encoder_3", None)
         components.setdefault("tokenizer_3", None)
         # The pipeline object only serves encode_prompt; sampling is the toolkit's.
@@ -115,12 +126,12 @@ class SD3Policy(TinyRandomPolicy, FlowTransformerPolicy):
                 "(VAE factor x patch size); use e.g. 512"
             )
         size = config.resolution // factor
-        device = torch.device(config.device)
         pipeline = self.pipeline
 
         def encode(prompts: list[str]) -> Cond:
+            # on the text encoders' device; the prompt cache keeps rows on the CPU and hands them over on `device`
             embeds, _, pooled, _ = pipeline.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                prompt=prompts, prompt_2=None, prompt_3=None, device=text_device,
                 do_classifier_free_guidance=False, max_sequence_length=config.max_sequence_length,
             )
             return Cond(prompt_embeds=embeds.to(dtype), pooled_embeds=pooled.to(dtype), prompts=list(prompts))
@@ -132,11 +143,11 @@ class SD3Policy(TinyRandomPolicy, FlowTransformerPolicy):
             decode=vae_decoder(vae),
             latent_shape=(int(components["transformer"].config.in_channels), size, size),
             lora_pipeline=StableDiffusion3Pipeline,
-            frozen_modules=tuple(
-                components[n] for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae") if components.get(n) is not None
-            ),
+            frozen_modules=(vae,),
         )
         super().__init__(parts, config)
+        if config.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
 
     @classmethod
     def tiny_parts(cls, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:

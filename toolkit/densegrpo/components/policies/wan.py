@@ -22,20 +22,22 @@ shared adapter trains, disables (reference) and saves exactly one; TI2V-5B runs
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from densegrpo.components.policies.adapter import (
+    DiffusersPolicyConfig,
     FlowModelParts,
-    FlowPolicyConfig,
     FlowTransformerPolicy,
     TinyRandomPolicy,
     hub_load,
     hub_model,
+    move_module,
     resolve_dtype,
+    vae_dtype,
 )
 from densegrpo.contracts.errors import UserError
 from densegrpo.contracts.protocols import Cond
@@ -86,7 +88,7 @@ class WanPolicy(TinyRandomPolicy, FlowTransformerPolicy):
     already-built modules (keys as in ``WanPipeline``); see :meth:`tiny_random`.
     """
 
-    class Config(FlowPolicyConfig):
+    class Config(DiffusersPolicyConfig):
         """Wan2.1 options (defaults: Flow-GRPO's general_ocr_wan2_1 in config/grpo.py)."""
 
         model: str | None = Field("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", description="Hub id or local folder (Wan2.1 T2V 1.3B or 14B, diffusers layout).")
@@ -102,6 +104,9 @@ class WanPolicy(TinyRandomPolicy, FlowTransformerPolicy):
         text_encoder_device: str | None = Field(
             None, description="Where UMT5 runs, e.g. 'cpu' to keep its ~11 GB (bf16) off the accelerator; None: the policy's device."
         )
+        vae_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+            "float32", description="dtype of the VAE's weights and of decoding; None: `dtype` (Flow-GRPO's train_wan2_1.py keeps the Wan VAE in float32)."
+        )
 
     def __init__(self, config: Config | None = None, components: dict[str, Any] | None = None):
         config = config if config is not None else self.Config()
@@ -116,7 +121,7 @@ class WanPolicy(TinyRandomPolicy, FlowTransformerPolicy):
         components.pop("transformer_2", None)
         text_device = torch.device(config.text_encoder_device or config.device)
         components["text_encoder"] = components["text_encoder"].to(text_device, dtype)
-        components["vae"] = components["vae"].to(config.device)  # float32, as Flow-GRPO keeps the Wan VAE
+        components["vae"] = move_module(components["vae"], config.device, vae_dtype(config))  # float32 by default, as Flow-GRPO
         self.pipeline = WanPipeline(scheduler=components.pop("scheduler", None) or FlowMatchEulerDiscreteScheduler(shift=3.0), **components)
         vae = components["vae"]
         temporal, spatial = int(vae.config.scale_factor_temporal), int(vae.config.scale_factor_spatial)

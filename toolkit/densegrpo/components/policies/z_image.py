@@ -18,20 +18,22 @@ changes anything then). Z-Image-Turbo is distilled for ``guidance_scale: 0``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from densegrpo.components.policies.adapter import (
+    DiffusersPolicyConfig,
     FlowModelParts,
-    FlowPolicyConfig,
     FlowTransformerPolicy,
     TinyRandomPolicy,
     hub_load,
     hub_model,
+    move_module,
     resolve_dtype,
+    vae_dtype,
 )
 from densegrpo.components.policies.lora import LoRAConfig
 from densegrpo.components.policies.qwen_image import tiny_qwen_tokenizer
@@ -79,7 +81,7 @@ class ZImagePolicy(TinyRandomPolicy, FlowTransformerPolicy):
     already-built modules (keys as in ``ZImagePipeline``); see :meth:`tiny_random`.
     """
 
-    class Config(FlowPolicyConfig):
+    class Config(DiffusersPolicyConfig):
         """Z-Image options (defaults: Flow-Factory's examples/grpo/lora/z_image/default.yaml)."""
 
         model: str | None = Field("Tongyi-MAI/Z-Image", description="Hub id or local folder (Z-Image or Z-Image-Turbo, diffusers layout).")
@@ -96,6 +98,9 @@ class ZImagePolicy(TinyRandomPolicy, FlowTransformerPolicy):
         text_encoder_device: str | None = Field(
             None, description="Where Qwen3-4B runs, e.g. 'cpu' to keep its ~8 GB (bf16) off the accelerator; None: the policy's device."
         )
+        vae_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+            "float32", description="dtype of the VAE's weights and of decoding; None: `dtype` (float32 by default, as Flow-GRPO keeps its VAEs)."
+        )
 
     def __init__(self, config: Config | None = None, components: dict[str, Any] | None = None):
         config = config if config is not None else self.Config()
@@ -107,7 +112,7 @@ class ZImagePolicy(TinyRandomPolicy, FlowTransformerPolicy):
 
         text_device = torch.device(config.text_encoder_device or config.device)
         components["text_encoder"] = components["text_encoder"].to(text_device, dtype)
-        components["vae"] = components["vae"].to(config.device)  # float32, as the other policies keep their VAEs
+        components["vae"] = move_module(components["vae"], config.device, vae_dtype(config))  # float32 by default, as the other VAEs
         # The pipeline object only serves encode_prompt; sampling is the toolkit's.
         self.pipeline = ZImagePipeline(
             scheduler=components.pop("scheduler", None) or FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), **components
@@ -140,6 +145,8 @@ class ZImagePolicy(TinyRandomPolicy, FlowTransformerPolicy):
             combine_guidance=z_image_guidance,
         )
         super().__init__(parts, config)
+        if config.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
         components["text_encoder"].requires_grad_(False).eval()
 
     @property
