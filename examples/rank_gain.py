@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from densegrpo.api import DenseRewards, RewardBatch, RewardNeeds
 from pydantic import BaseModel
 from torch import Tensor
+
+from densegrpo.api import DenseRewards, RewardBatch, RewardNeeds
 
 
 class RankGainAdvantage:

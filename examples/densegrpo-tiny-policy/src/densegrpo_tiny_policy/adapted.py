@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import torch
-from densegrpo.api import (
-    Cond,
-    FlowModelParts,
-    FlowPolicyConfig,
-    FlowTransformerPolicy,
-    LoRAConfig,
-    sd3_transformer_forward,
-)
 from pydantic import Field
 from torch import Tensor, nn
+
+from densegrpo.api import Cond, FlowModelParts, FlowPolicyConfig, FlowTransformerPolicy, LoRAConfig, sd3_transformer_forward
 
 
 class TinyDiTPolicy(FlowTransformerPolicy):

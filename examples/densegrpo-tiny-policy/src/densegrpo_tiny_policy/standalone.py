@@ -6,9 +6,10 @@ import copy
 from contextlib import contextmanager
 
 import torch
-from densegrpo.api import Cond
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+
+from densegrpo.api import Cond
 
 
 class TinyFlowPolicy:
