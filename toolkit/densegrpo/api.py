@@ -24,6 +24,7 @@ Nothing inside the package imports this module (the built-ins use the layers it 
 from __future__ import annotations
 
 from densegrpo.components.policies.adapter import (
+    DiffusersPolicyConfig,
     FlowModelParts,
     FlowPolicyConfig,
     FlowTransformerPolicy,
@@ -107,6 +108,7 @@ __all__ = [
     "ConfigError",
     "CountingPolicy",
     "DenseRewards",
+    "DiffusersPolicyConfig",
     "Dtype",
     "DuplicateComponentError",
     "ExplorationCalibrator",
